@@ -1,0 +1,103 @@
+"""End to end on a GPU: `dynsnap checkpoint` / `dynsnap restore` of a torch worker through CRIU and the driver."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from gpu_helpers import alive, find_key, json_out, reap, run_cli, subreaper
+
+pytestmark = [pytest.mark.gpu, pytest.mark.criu]
+
+
+@pytest.fixture(autouse=True)
+def _subreaper():
+    subreaper()
+
+
+@pytest.fixture
+def restored():
+    """Pids restored by a test: killed and reaped afterwards (they are our children through the subreaper)."""
+    pids = []
+    yield pids
+    for pid in pids:
+        if alive(pid):
+            try:
+                import dynsnap_core.cuda as cuda
+                cuda.CudaTree([pid]).rollback()
+            except Exception:  # noqa: BLE001
+                pass
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        try:
+            reap(pid)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _checkpoint(pid: int, out: str, *extra: str, env=None):
+    r = run_cli("checkpoint", "--pid", str(pid), "--out", out, "--json", *extra, env=env)
+    return r
+
+
+def _restore(snap: str, restored: list) -> int:
+    r = run_cli("restore", snap, "--json")
+    assert r.returncode == 0, f"restore failed: {r.stderr[-3000:]}"
+    out = json_out(r)
+    pid = int(out["pid"])
+    restored.append(pid)
+    return pid
+
+
+def test_checkpoint_kill_restore(worker, tmp_path, restored):
+    import dynsnap_core.cuda as cuda
+    h0, m0 = worker.request("hash"), worker.request("matmul")
+    snap = str(tmp_path / "snap")
+    r = _checkpoint(worker.pid, snap)
+    assert r.returncode == 0, f"checkpoint failed: {r.stderr[-3000:]}"
+    out = json_out(r)
+    for key in ("lock", "gpu_checkpoint", "criu_dump"):
+        assert find_key(out, key) is not None, f"no {key!r} timing in {out}"
+    assert os.path.isdir(snap)
+    worker.kill()                      # CRIU's dump stops it already; make sure, and free its pid
+    pid = _restore(snap, restored)
+    assert pid == worker.pid           # CRIU restores the same pid
+    assert cuda.state(pid) is cuda.CudaState.RUNNING
+    worker.pid = pid
+    assert worker.wait_answer("ping") == "pong"
+    assert worker.request("hash") == h0
+    assert worker.request("matmul") == m0
+    c = int(worker.request("count"))
+    assert int(worker.wait_answer("count")) >= c
+
+
+def test_checkpoint_leave_running_then_restore(worker, tmp_path, restored):
+    import dynsnap_core.cuda as cuda
+    h0, m0 = worker.request("hash"), worker.request("matmul")
+    snap = str(tmp_path / "snap")
+    r = _checkpoint(worker.pid, snap, "--leave-running")
+    assert r.returncode == 0, f"checkpoint failed: {r.stderr[-3000:]}"
+    assert alive(worker.pid)
+    assert cuda.state(worker.pid) is cuda.CudaState.RUNNING
+    assert worker.request("hash") == h0 and worker.request("matmul") == m0
+    worker.kill()
+    pid = _restore(snap, restored)
+    worker.pid = pid
+    assert worker.wait_answer("ping") == "pong"
+    assert worker.request("hash") == h0 and worker.request("matmul") == m0
+
+
+def test_dump_failure_keeps_worker_serving(worker, tmp_path):
+    import dynsnap_core.cuda as cuda
+    h0 = worker.request("hash")
+    snap = str(tmp_path / "snap")
+    r = _checkpoint(worker.pid, snap, env={"DYNSNAP_FAULT": "dump"})
+    assert r.returncode != 0, "DYNSNAP_FAULT=dump must make the checkpoint fail"
+    assert "Traceback" not in r.stderr
+    assert not os.path.exists(snap)
+    assert alive(worker.pid)
+    assert cuda.state(worker.pid) is cuda.CudaState.RUNNING
+    assert worker.request("ping") == "pong"
+    assert worker.request("hash") == h0
