@@ -1,0 +1,233 @@
+"""The `dynsnap` command: doctor, checkpoint, restore, verify, inspect, list, demo, bench, cuda-checkpoint."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import DynsnapError
+from .ui import Reporter, _human
+
+PROG = "dynsnap"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
+def _emit_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def _fmt_timings(t: dict) -> str:
+    return ", ".join(f"{k} {v:.2f} s" for k, v in t.items() if isinstance(v, (int, float)))
+
+
+def cmd_doctor(a) -> int:
+    from . import doctor
+    rows = doctor.run_checks()
+    if a.json:
+        _emit_json({"checks": doctor.as_json(rows), "ok": all(r.status != "missing" for r in rows)})
+    else:
+        print(doctor.format_table(rows))
+    return 0
+
+
+def cmd_checkpoint(a) -> int:
+    from .snapshot import checkpoint
+    rep = Reporter(quiet=a.json)
+    snap = checkpoint(a.pid, a.out, leave_running=a.leave_running, cuda_lock_timeout_ms=a.timeout_ms,
+                      progress=rep.update, log=rep.say)
+    rep.finish()
+    m = snap.manifest
+    if a.json:
+        _emit_json({"path": str(snap.path), "pid": m["root_pid"], "bytes": m["total_bytes"],
+                    "files": len(m["files"]), "leave_running": a.leave_running, "timings": m["timings"],
+                    "io_engine": m["io_engine"], "cuda": m.get("cuda")})
+    else:
+        print(f"snapshot {snap.path}: {_human(m['total_bytes'])} in {len(m['files'])} files "
+              f"(pid {m['root_pid']} {'left running' if a.leave_running else 'stopped'}); "
+              f"{_fmt_timings(m['timings'])}")
+    return 0
+
+
+def _parse_device_map(text: Optional[str]) -> Optional[dict]:
+    if not text:
+        return None
+    out = {}
+    for pair in text.split(","):
+        if "=" not in pair:
+            raise DynsnapError(f"bad --device-map entry {pair!r}: expected OLD_UUID=NEW_UUID", stage="preflight")
+        old, new = pair.split("=", 1)
+        out[old.strip()] = new.strip()
+    return out
+
+
+def cmd_restore(a) -> int:
+    from .snapshot import restore
+    rep = Reporter(quiet=a.json)
+    r = restore(a.dir, verify=not a.no_verify, device_map=_parse_device_map(a.device_map), progress=rep.update)
+    rep.finish()
+    if a.json:
+        _emit_json({"pid": r.pid, "snapshot": str(r.snapshot.path), "timings": r.timings, **r.timings})
+    else:
+        print(f"restored pid {r.pid} from {r.snapshot.path}; {_fmt_timings(r.timings)}")
+    return 0
+
+
+def cmd_verify(a) -> int:
+    from .snapshot import open_snapshot
+    rep = Reporter(quiet=a.json)
+    t0 = time.perf_counter()
+    snap = open_snapshot(a.dir)
+    n = snap.verify(progress=rep.update)
+    rep.finish()
+    dt = time.perf_counter() - t0
+    if a.json:
+        _emit_json({"path": str(snap.path), "ok": True, "files": len(snap.manifest["files"]), "bytes": n,
+                    "seconds": dt})
+    else:
+        print(f"{snap.path}: ok, {len(snap.manifest['files'])} files, {_human(n)} verified in {dt:.2f} s")
+    return 0
+
+
+def cmd_inspect(a) -> int:
+    from . import inspect as insp
+    info = insp.inspect(a.path)
+    if a.json:
+        _emit_json(info)
+    else:
+        print(insp.format_text(info))
+    return 0
+
+
+def cmd_list(a) -> int:
+    from .snapshot import list_snapshots, snapshots_root
+    rows = list_snapshots(Path(a.root) if a.root else None)
+    if a.json:
+        _emit_json(rows)
+        return 0
+    if not rows:
+        print(f"no snapshots under {Path(a.root) if a.root else snapshots_root()}")
+        return 0
+    print(f"{'NAME':<36} {'SIZE':>10} {'AGE':>8}  {'STATUS':<8} COMMAND")
+    for r in rows:
+        if r["status"] == "ok":
+            age = r["age_s"]
+            age_s = f"{age:.0f}s" if age < 120 else f"{age / 60:.0f}m" if age < 7200 else f"{age / 3600:.0f}h" \
+                if age < 172800 else f"{age / 86400:.0f}d"
+            print(f"{r['name']:<36} {_human(r['bytes']):>10} {age_s:>8}  {'ok':<8} {r['command'][:60]}")
+        else:
+            print(f"{r['name']:<36} {'-':>10} {'-':>8}  {'invalid':<8} {r['error'][:80]}")
+    return 0
+
+
+def cmd_demo(a) -> int:
+    from . import demo
+    return demo.main(mb=a.mb, keep=a.keep, as_json=a.json)
+
+
+def cmd_bench(a) -> int:
+    if a.what == "io":
+        from . import bench_io
+        rep = Reporter(quiet=a.json)
+        res = bench_io.run(a.dir or os.getcwd(), size_mb=a.size_mb)
+        rep.finish()
+        if a.json:
+            _emit_json(res)
+        else:
+            print(bench_io.format_table(res))
+        return 0
+    raise DynsnapError(f"unknown benchmark {a.what!r}", stage="bench")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    p = _Parser(prog=PROG, description="Checkpoint a warmed-up (GPU) worker and restore it in seconds.")
+    p.add_argument("--version", action="version", version=f"dynsnap {__version__}")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    s = sub.add_parser("doctor", help="check kernel, privileges, CRIU, I/O backends, CUDA, kvikio")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_doctor)
+
+    s = sub.add_parser("checkpoint", help="snapshot the process tree rooted at PID")
+    s.add_argument("--pid", type=int, required=True)
+    s.add_argument("--out", help="snapshot directory (must not exist; default: under $DYNSNAP_HOME/snapshots)")
+    s.add_argument("--leave-running", action="store_true", help="keep the process running afterwards")
+    s.add_argument("--timeout-ms", type=int, default=10000, help="CUDA lock timeout (default 10000)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_checkpoint)
+
+    s = sub.add_parser("restore", help="verify a snapshot and restore its processes (detached)")
+    s.add_argument("dir")
+    s.add_argument("--no-verify", action="store_true", help="skip checksum verification")
+    s.add_argument("--device-map", help="GPU remap OLD_UUID=NEW_UUID,...")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_restore)
+
+    s = sub.add_parser("verify", help="check a snapshot's manifest and every file's checksum")
+    s.add_argument("dir")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_verify)
+
+    s = sub.add_parser("inspect", help="describe a snapshot or decode one of its files")
+    s.add_argument("path")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_inspect)
+
+    s = sub.add_parser("list", help="list snapshots with size, age and source command")
+    s.add_argument("--root", help="directory holding snapshots (default: $DYNSNAP_HOME/snapshots)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_list)
+
+    s = sub.add_parser("demo", help="warm a sample worker, snapshot it, kill it, restore it, compare answers")
+    s.add_argument("--mb", type=int, default=512, help="state the worker computes at warm-up (MiB)")
+    s.add_argument("--keep", action="store_true", help="keep the snapshot and logs")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("bench", help="benchmarks: io")
+    s.add_argument("what", choices=["io"])
+    s.add_argument("--dir", help="directory on the file system to measure (default: current)")
+    s.add_argument("--size-mb", type=int, default=1024)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_bench)
+
+    s = sub.add_parser("cuda-checkpoint", add_help=False,
+                       help="NVIDIA cuda-checkpoint compatible tool (--pid, --action, --toggle, ...)")
+    s.set_defaults(fn=None)
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "cuda-checkpoint":
+        from . import cuda_cli
+        return cuda_cli.main(argv[1:])
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    try:
+        return a.fn(a)
+    except DynsnapError as e:
+        if getattr(a, "json", False):
+            _emit_json(e.to_dict())
+        sys.stderr.write(f"{PROG} {a.cmd}: {e}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{PROG} {a.cmd}: interrupted\n")
+        return 130
+    except OSError as e:
+        sys.stderr.write(f"{PROG} {a.cmd}: {e.strerror or e}" + (f": {e.filename}" if e.filename else "") + "\n")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""CRIU driver: find a CRIU that works on this kernel, run dump/restore, turn its failures into one sentence."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .errors import CriuError, CriuUnavailable, PermissionDenied
+
+__all__ = ["Criu", "find_criu", "MIN_VERSION", "has_checkpoint_privilege", "require_privilege",
+           "PRIVATE_PREFIXES"]
+
+MIN_VERSION = (4, 1)
+# Where scripts/setup.sh (through scripts/criu-bundle.sh) installs Debian 13's CRIU when the system's is too old.
+PRIVATE_PREFIXES = ("/opt/dynsnap/criu/bin/criu",)
+CAP_SYS_ADMIN = 21
+CAP_CHECKPOINT_RESTORE = 40
+
+# Lines CRIU logs as "Error" that do not explain a failure (seen with CRIU 4.1.1 on Linux 6.18).
+_BENIGN = (re.compile(r"rlimit: Can't setup RLIMIT_NOFILE"),)
+
+
+def _effective_caps() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def has_checkpoint_privilege() -> bool:
+    """True when this process may checkpoint others: root, or CAP_CHECKPOINT_RESTORE / CAP_SYS_ADMIN."""
+    if os.geteuid() == 0:
+        return True
+    caps = _effective_caps()
+    return bool(caps & (1 << CAP_CHECKPOINT_RESTORE) or caps & (1 << CAP_SYS_ADMIN))
+
+
+def require_privilege(action: str) -> None:
+    if not has_checkpoint_privilege():
+        raise PermissionDenied(
+            f"{action} needs root or CAP_CHECKPOINT_RESTORE; run dynsnap with sudo", stage="preflight")
+
+
+def _parse_version(text: str) -> Optional[tuple]:
+    m = re.search(r"Version:\s*(\d+)\.(\d+)(?:\.(\d+))?", text)
+    if not m:
+        return None
+    return tuple(int(x) for x in m.groups() if x is not None)
+
+
+def _probe(path: str) -> Optional[tuple]:
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return _parse_version(out.stdout + out.stderr)
+
+
+@dataclass
+class Criu:
+    """A CRIU binary (or wrapper) with a known version."""
+
+    path: str
+    version: tuple
+
+    @property
+    def version_str(self) -> str:
+        return ".".join(str(v) for v in self.version)
+
+    def run(self, args: Sequence[str], *, log: Path, stage: str, pid: Optional[int] = None,
+            timeout: Optional[float] = None, env: Optional[dict] = None) -> float:
+        """Run ``criu ARGS -o LOG -v4``; raise CriuError with one sentence on failure; return seconds."""
+        cmd = [self.path, *args, "-o", str(log), "-v4"]
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, timeout=timeout,
+                                  env={**os.environ, **env} if env else None)
+        except subprocess.TimeoutExpired:
+            raise CriuError(f"CRIU {stage} did not finish within {timeout:.0f} s", stage=stage, pid=pid,
+                            log=str(log)) from None
+        except OSError as e:
+            raise CriuUnavailable(f"cannot run CRIU at {self.path}: {e.strerror}", stage=stage) from None
+        dt = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise CriuError(explain_failure(stage, pid, log, proc.stdout), stage=stage, pid=pid, log=str(log))
+        return dt
+
+    def check(self) -> tuple[bool, str]:
+        """Run ``criu check``: (ok, what it said)."""
+        try:
+            p = subprocess.run([self.path, "check"], capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return False, str(e)
+        text = (p.stdout + p.stderr).strip()
+        lines = [ln for ln in text.splitlines() if "kdat cache" not in ln]
+        return p.returncode == 0, "\n".join(lines) or "Looks good."
+
+
+def find_criu(required: bool = True) -> Optional[Criu]:
+    """Find a CRIU >= 4.1: $DYNSNAP_CRIU alone when set, else dynsnap's private prefix, then ``criu`` on PATH.
+
+    The first candidate that answers with a version >= MIN_VERSION wins. When none does and
+    ``required`` is set, raise CriuUnavailable saying what was found and how to fix it.
+    """
+    candidates: list[str] = []
+    env = os.environ.get("DYNSNAP_CRIU")
+    if env:
+        candidates.append(env)          # an explicit choice: nothing else is tried
+    else:
+        candidates += [p for p in PRIVATE_PREFIXES if os.path.exists(p)]
+        on_path = shutil.which("criu")
+        if on_path:
+            candidates.append(on_path)
+    too_old = []
+    for cand in candidates:
+        ver = _probe(cand)
+        if ver is None:
+            if cand == env:
+                if required:
+                    raise CriuUnavailable(f"DYNSNAP_CRIU={env} does not run or does not print a CRIU version",
+                                          stage="preflight")
+                return None
+            continue
+        if ver[:2] >= MIN_VERSION:
+            return Criu(cand, ver)
+        too_old.append(f"{cand} is {'.'.join(map(str, ver))}")
+    if not required:
+        return None
+    if too_old:
+        raise CriuUnavailable(
+            f"CRIU is too old for this kernel ({'; '.join(too_old)}; need >= 4.1): run scripts/setup.sh "
+            "or scripts/criu-bundle.sh to install CRIU 4.1 in /opt/dynsnap/criu", stage="preflight")
+    raise CriuUnavailable(
+        "CRIU not found: run scripts/setup.sh (or scripts/criu-bundle.sh) or set DYNSNAP_CRIU", stage="preflight")
+
+
+_PATTERNS = [
+    (re.compile(r"Can't fork for (\d+): File exists|pid (\d+) is already in use|Unable to clone"),
+     "pid {0} is in use by another process; a snapshot restores with its original pids, so stop "
+     "the process holding it first"),
+    (re.compile(r"seize.*(Operation not permitted|Permission denied)|ptrace.*Operation not permitted"),
+     "CRIU could not attach to the process (permission denied); run as root"),
+    (re.compile(r"External socket is used|Can't dump half of stream unix connection"),
+     "the process has a Unix socket connected to a process outside the tree; close it first"),
+    (re.compile(r"Connected TCP socket|tcp.*established", re.I),
+     "the process has established TCP connections; close them before a checkpoint"),
+    (re.compile(r"No space left on device"), "no space left on device"),
+    (re.compile(r"Unable to seize.*No such process|No such process"), "the process exited during the checkpoint"),
+]
+
+
+def _error_lines(log: Path) -> list[str]:
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return []
+    out = []
+    for line in text.splitlines():
+        if "Error" not in line and "err" not in line.lower():
+            continue
+        if "Error" not in line:
+            continue
+        if any(p.search(line) for p in _BENIGN):
+            continue
+        out.append(line)
+    return out
+
+
+def _clean(line: str) -> str:
+    # "(00.012) Error (criu/foo.c:12): message" -> "message"
+    m = re.search(r"Error \([^)]*\):\s*(.*)", line)
+    return (m.group(1) if m else line).strip().rstrip(".")
+
+
+def explain_failure(stage: str, pid: Optional[int], log: Path, output: str = "") -> str:
+    """One sentence for a failed CRIU run, built from its log's error lines."""
+    errors = _error_lines(log)
+    what = f"CRIU {stage}" + (f" of pid {pid}" if pid else "")
+    joined = "\n".join(errors) + "\n" + output
+    for pat, sentence in _PATTERNS:
+        m = pat.search(joined)
+        if m:
+            nums = [g for g in m.groups() if g and g.isdigit()] if m.groups() else []
+            return f"{what} failed: " + sentence.format(nums[0] if nums else (pid or "?"))
+    if errors:
+        # The first error is usually the cause; later ones are the unwinding.
+        return f"{what} failed: {_clean(errors[0])}"
+    tail = [ln for ln in output.strip().splitlines() if ln.strip()]
+    if tail:
+        return f"{what} failed: {tail[-1].strip()}"
+    return f"{what} failed (no error in CRIU's log)"

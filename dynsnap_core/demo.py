@@ -1,0 +1,120 @@
+"""dynsnap demo: warm a sample worker, answer a request, snapshot it, kill it, restore it, answer again, compare."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import proc
+from .demo_worker import request
+from .errors import DynsnapError
+from .snapshot import checkpoint, default_home, restore
+from .ui import Reporter, _human
+
+__all__ = ["main", "run"]
+
+
+def _wait_ready(p: subprocess.Popen, ready: Path, sock: Path, timeout: float = 300) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if p.poll() is not None:
+            raise DynsnapError(f"the demo worker exited with status {p.returncode} during warm-up", stage="demo")
+        if ready.exists() and sock.exists():
+            return
+        time.sleep(0.01)
+    raise DynsnapError("the demo worker did not become ready in time", stage="demo")
+
+
+def run(mb: int = 512, keep: bool = False, rep: Reporter | None = None) -> dict:
+    rep = rep or Reporter()
+    proc.set_child_subreaper()
+    base = default_home() / "demo"
+    base.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="run-", dir=base))
+    sock, ready, snapdir = work / "worker.sock", work / "ready", work / "snapshot"
+    cmd = [sys.executable, "-m", "dynsnap_core.demo_worker", "--socket", str(sock), "--mb", str(mb),
+           "--ready", str(ready)]
+    log = open(work / "worker.log", "wb")
+    restored_pid = None
+    worker = None
+    try:
+        t0 = time.perf_counter()
+        with rep.step(f"cold start: worker computes {mb} MiB of state"):
+            worker = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                      start_new_session=True, cwd=work,
+                                      env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+            _wait_ready(worker, ready, sock)
+            before = request(str(sock), "query 7")
+        cold = time.perf_counter() - t0
+        rep.say(f"worker pid {worker.pid} ready; answer to 'query 7': {before}")
+
+        t0 = time.perf_counter()
+        snap = checkpoint(worker.pid, snapdir, progress=rep.update)
+        rep.finish()
+        ckpt = time.perf_counter() - t0
+        worker.wait(timeout=30)          # reap it: the restored worker needs its pid back
+        rep.say(f"snapshot {_human(snap.total_bytes)} at {snapdir}; worker stopped and killed")
+
+        t0 = time.perf_counter()
+        r = restore(snapdir, progress=rep.update)
+        rep.finish()
+        t_restore = time.perf_counter() - t0
+        restored_pid = r.pid
+        after = request(str(sock), "query 7")
+        first_answer = time.perf_counter() - t0
+        stats = json.loads(request(str(sock), "stats"))
+        same = after == before
+        rep.say(f"restored pid {r.pid}; answer to 'query 7': {after} ({'identical' if same else 'DIFFERENT'})")
+        size = snap.total_bytes
+        return {
+            "ok": same, "answer_before": before, "answer_after": after, "pid": worker.pid,
+            "restored_pid": r.pid, "requests_served_by_restored": stats["served"],
+            "cold_start_s": cold, "checkpoint_s": ckpt, "restore_s": t_restore,
+            "first_answer_after_restore_s": first_answer, "image_bytes": size,
+            "checkpoint_mb_s": size / 1e6 / ckpt, "restore_mb_s": size / 1e6 / t_restore,
+            "speedup_vs_cold": cold / first_answer, "snapshot": str(snapdir) if keep else None,
+            "checkpoint_timings": snap.timings, "restore_timings": r.timings,
+        }
+    finally:
+        if restored_pid and proc.exists(restored_pid):
+            os.kill(restored_pid, signal.SIGKILL)
+        if worker is not None and worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        time.sleep(0.05)
+        proc.reap_children()
+        log.close()
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def format_table(res: dict) -> str:
+    rows = [
+        ("cold start (spawn -> first answer)", f"{res['cold_start_s']:.2f} s"),
+        ("checkpoint (dump + persist + commit)", f"{res['checkpoint_s']:.2f} s"),
+        ("restore (verify + CRIU restore)", f"{res['restore_s']:.2f} s"),
+        ("time to first answer after restore", f"{res['first_answer_after_restore_s']:.2f} s"),
+        ("image size", _human(res["image_bytes"])),
+        ("checkpoint throughput", f"{res['checkpoint_mb_s']:.0f} MB/s"),
+        ("restore throughput", f"{res['restore_mb_s']:.0f} MB/s"),
+        ("first answer vs cold start", f"{res['speedup_vs_cold']:.1f}x faster"),
+        ("same answer after restore", "yes" if res["ok"] else "NO"),
+    ]
+    w = max(len(a) for a, _ in rows)
+    return "\n".join(f"{a:<{w}}  {b}" for a, b in rows)
+
+
+def main(mb: int = 512, keep: bool = False, as_json: bool = False) -> int:
+    rep = Reporter(quiet=as_json)
+    res = run(mb=mb, keep=keep, rep=rep)
+    if as_json:
+        print(json.dumps(res, indent=2, sort_keys=True))
+    else:
+        print(format_table(res))
+    return 0 if res["ok"] else 1

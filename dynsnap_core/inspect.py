@@ -1,0 +1,80 @@
+"""dynsnap inspect: describe a snapshot directory, or decode any single file of one (all kinds in manifest.FILE_KINDS)."""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+from . import manifest as mf
+from .errors import SnapshotCorrupt, SnapshotNotFound
+
+__all__ = ["inspect", "format_text"]
+
+# CRIU's image headers (criu/include/magic.h): a common/service magic word, then the image's own magic.
+_CRIU_COMMON = {0x54564319: "IMG_COMMON_MAGIC", 0x55105940: "IMG_SERVICE_MAGIC"}
+
+
+def _criu_image(path: Path) -> dict:
+    head = path.read_bytes()[:8] if path.stat().st_size < 4096 else path.open("rb").read(8)
+    info: dict = {"kind": "criu image", "path": str(path), "size": path.stat().st_size}
+    if path.name.startswith("pages-"):
+        info["format"] = "raw memory pages (described by the matching pagemap image)"
+        return info
+    if len(head) >= 8:
+        first, second = struct.unpack("<II", head)
+        if first in _CRIU_COMMON:
+            info.update(header=_CRIU_COMMON[first], magic=f"0x{second:08x}")
+        else:
+            info.update(magic=f"0x{first:08x}")
+    info["decode"] = "crit decode -i " + str(path)
+    return info
+
+
+def inspect(path: str) -> dict:
+    from .snapshot import resolve
+    p = resolve(path)
+    if not p.exists():
+        raise SnapshotNotFound(f"no such snapshot or file: {path}", stage="inspect", path=str(path))
+    if p.is_dir():
+        m = mf.read(p)
+        by_kind: dict[str, int] = {}
+        for f in m["files"]:
+            kind = "pages" if Path(f["path"]).name.startswith("pages-") else Path(f["path"]).suffix or "other"
+            by_kind[kind] = by_kind.get(kind, 0) + f["size"]
+        return {"kind": "snapshot", "path": str(p), "manifest": m, "bytes_by_kind": by_kind}
+    if p.name == mf.MANIFEST_NAME:
+        try:
+            m = json.loads(p.read_text())
+        except ValueError as e:
+            raise SnapshotCorrupt(f"{p} is malformed: {e}", stage="inspect", path=str(p)) from None
+        return {"kind": "manifest", "path": str(p), "magic": m.get("magic"), "format": m.get("format"),
+                "manifest": m}
+    if p.suffix == ".img":
+        return _criu_image(p)
+    if p.suffix == ".log":
+        return {"kind": "log", "path": str(p), "size": p.stat().st_size,
+                "tail": p.read_text(errors="replace").splitlines()[-10:]}
+    return {"kind": "unknown", "path": str(p), "size": p.stat().st_size}
+
+
+def format_text(info: dict) -> str:
+    if info["kind"] != "snapshot":
+        if info["kind"] == "manifest":
+            return json.dumps(info["manifest"], indent=2, sort_keys=True)
+        return "\n".join(f"{k}: {v}" for k, v in info.items())
+    m = info["manifest"]
+    lines = [
+        f"snapshot   {info['path']}",
+        f"format     {m['magic']} v{m['format']}, checksum {m['checksum']}",
+        f"created    {m['created']} on {m.get('host')} (kernel {m.get('kernel')}, {m.get('arch')})",
+        f"versions   dynsnap {m.get('dynsnap_version')}, CRIU {m.get('criu_version')}",
+        f"process    pid {m['root_pid']} ({len(m.get('pids', []))} processes): {' '.join(m.get('cmdline', []))}",
+        f"size       {m['total_bytes']} bytes in {len(m['files'])} files "
+        + ", ".join(f"{k}: {v}" for k, v in sorted(info["bytes_by_kind"].items())),
+        "timings    " + ", ".join(f"{k} {v:.3f} s" for k, v in m.get("timings", {}).items()),
+    ]
+    if m.get("cuda"):
+        c = m["cuda"]
+        lines.append(f"gpu        pids {c.get('pids')}, driver {c.get('driver_version')}, devices "
+                     + "; ".join(f"{d.get('name')} {d.get('uuid')}" for d in c.get("devices", [])))
+    return "\n".join(lines)

@@ -1,0 +1,129 @@
+"""The snapshot manifest (manifest.json): format, atomic write, parsing and verification of every file it lists."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from .errors import SnapshotCorrupt, SnapshotNotFound
+
+__all__ = ["MAGIC", "FORMAT_VERSION", "MANIFEST_NAME", "CHECKSUM", "write", "read", "verify_files",
+           "FILE_KINDS"]
+
+MAGIC = "dynsnap-snapshot"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+CHECKSUM = "xxh3-64"
+
+# Every kind of file a snapshot directory holds, in one place (dynsnap inspect decodes each).
+FILE_KINDS = {
+    "manifest.json": "dynsnap manifest (JSON, magic 'dynsnap-snapshot', format version)",
+    "criu/*.img": "CRIU image (CRIU's own magic numbers; decode with crit)",
+    "criu/dump.log": "CRIU's dump log",
+}
+
+_REQUIRED = ("magic", "format", "created", "root_pid", "files", "total_bytes", "checksum")
+
+
+def write(directory: Path, manifest: dict) -> None:
+    """Write manifest.json into ``directory`` durably: temp file, fsync, rename, fsync of the directory."""
+    data = json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n"
+    tmp = directory / (MANIFEST_NAME + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, directory / MANIFEST_NAME)
+    fsync_dir(directory)
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read(directory: Path) -> dict:
+    """Parse and check the manifest of a snapshot directory; raise SnapshotCorrupt naming the problem."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise SnapshotNotFound(f"no snapshot at {directory}", stage="verify", path=str(directory))
+    path = directory / MANIFEST_NAME
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise SnapshotCorrupt(f"{path} is missing: this is not a complete dynsnap snapshot",
+                              stage="verify", path=str(path)) from None
+    try:
+        m = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SnapshotCorrupt(f"{path} is malformed: not valid JSON ({e})", stage="verify",
+                              path=str(path)) from None
+    if not isinstance(m, dict) or m.get("magic") != MAGIC:
+        raise SnapshotCorrupt(f"{path} is malformed: it is not a dynsnap manifest (bad magic)",
+                              stage="verify", path=str(path))
+    missing = [k for k in _REQUIRED if k not in m]
+    if missing:
+        raise SnapshotCorrupt(f"{path} is malformed: missing field(s) {', '.join(missing)}",
+                              stage="verify", path=str(path))
+    if m["format"] != FORMAT_VERSION:
+        raise SnapshotCorrupt(f"{path} has format version {m['format']}; this dynsnap reads version "
+                              f"{FORMAT_VERSION}", stage="verify", path=str(path))
+    if m["checksum"] != CHECKSUM:
+        raise SnapshotCorrupt(f"{path} uses checksum {m['checksum']!r}; this dynsnap knows {CHECKSUM}",
+                              stage="verify", path=str(path))
+    files = m["files"]
+    if not isinstance(files, list) or not all(
+            isinstance(f, dict) and isinstance(f.get("path"), str) and isinstance(f.get("size"), int)
+            and isinstance(f.get("xxh3"), str) for f in files):
+        raise SnapshotCorrupt(f"{path} is malformed: bad 'files' list", stage="verify", path=str(path))
+    for f in files:
+        p = Path(f["path"])
+        if p.is_absolute() or ".." in p.parts:
+            raise SnapshotCorrupt(f"{path} is malformed: file path {f['path']!r} escapes the snapshot",
+                                  stage="verify", path=str(path))
+    return m
+
+
+def verify_files(directory: Path, manifest: dict, *, engine: str = "auto",
+                 progress: Optional[Callable[[int, int], Any]] = None) -> int:
+    """Check size and xxh3 of every listed file with the C engine; raise SnapshotCorrupt naming the first bad one.
+
+    Returns the number of bytes checked.
+    """
+    from . import io as dio
+
+    directory = Path(directory)
+    total = sum(f["size"] for f in manifest["files"])
+    done = 0
+    for f in manifest["files"]:
+        path = directory / f["path"]
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise SnapshotCorrupt(f"{path} is missing from the snapshot", stage="verify",
+                                  path=str(path)) from None
+        if st.st_size != f["size"]:
+            raise SnapshotCorrupt(f"{path} has {st.st_size} bytes, the manifest says {f['size']} "
+                                  "(truncated or altered)", stage="verify", path=str(path))
+        try:
+            got = dio.hash_file(str(path), engine=engine)
+        except OSError as e:
+            raise SnapshotCorrupt(f"{path} cannot be read: {e.strerror or e}", stage="verify",
+                                  path=str(path), errno=e.errno) from None
+        if got.xxh3 != f["xxh3"]:
+            raise SnapshotCorrupt(f"{path} does not match its checksum (xxh3 {got.xxh3}, manifest says "
+                                  f"{f['xxh3']}): the file was altered or damaged", stage="verify",
+                                  path=str(path))
+        done += f["size"]
+        if progress:
+            progress(done, total)
+    return done

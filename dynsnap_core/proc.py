@@ -1,0 +1,157 @@
+"""Facts about live processes read from /proc: existence, tree, command line, memory, sessions."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Optional
+
+from .errors import InvalidTarget, ProcessNotFound
+
+__all__ = ["exists", "tree", "cmdline", "comm", "rss_bytes", "session_id", "validate_target",
+           "state", "wait_stopped", "set_child_subreaper", "reap_children"]
+
+
+def exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return state(pid) not in ("Z", "X", None)
+
+
+def state(pid: int) -> Optional[str]:
+    """One-letter state from /proc/PID/stat (R, S, T, Z...), or None when gone."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return data[data.rindex(")") + 2]
+
+
+def _stat_fields(pid: int) -> list[str]:
+    data = Path(f"/proc/{pid}/stat").read_text()
+    return data[data.rindex(")") + 2:].split()
+
+
+def session_id(pid: int) -> int:
+    return int(_stat_fields(pid)[3])
+
+
+def children(pid: int) -> list[int]:
+    kids: list[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                kids += [int(x) for x in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+            except OSError:
+                pass
+    except OSError:
+        pass
+    return kids
+
+
+def tree(pid: int) -> list[int]:
+    """pid and all its descendants, parents first."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop(0)
+        out.append(p)
+        todo += children(p)
+    return out
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "?"
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set (anon + file + shmem) of one process, in bytes."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def validate_target(pid: int) -> None:
+    """Refuse pids that must never be frozen, with one sentence each."""
+    if not isinstance(pid, int) or pid <= 0:
+        raise ProcessNotFound(f"invalid pid {pid!r}: a pid is a positive integer", stage="preflight", pid=None)
+    if pid == 1:
+        raise InvalidTarget("refusing to checkpoint pid 1 (init): it would freeze the whole system",
+                            stage="preflight", pid=pid)
+    if pid == os.getpid() or pid in _ancestors(os.getpid()):
+        raise InvalidTarget(f"refusing to checkpoint pid {pid}: it is dynsnap itself or one of its parents",
+                            stage="preflight", pid=pid)
+    if not exists(pid):
+        raise ProcessNotFound(f"no such process: {pid}", stage="preflight", pid=pid)
+    if not cmdline(pid) and not Path(f"/proc/{pid}/exe").exists():
+        raise InvalidTarget(f"pid {pid} is a kernel thread; only user processes can be checkpointed",
+                            stage="preflight", pid=pid)
+
+
+def _ancestors(pid: int) -> list[int]:
+    out = []
+    while pid > 1:
+        try:
+            pid = int(_stat_fields(pid)[1])
+        except (OSError, IndexError, ValueError):
+            break
+        out.append(pid)
+    return out
+
+
+def wait_stopped(pids: list[int], timeout: float = 5.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if all(state(p) in ("T", "t", None) for p in pids):
+            return
+        time.sleep(0.005)
+
+
+def set_child_subreaper() -> None:
+    """Make this process adopt orphaned descendants (CRIU-restored trees are re-parented)."""
+    import ctypes
+    PR_SET_CHILD_SUBREAPER = 36
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def reap_children() -> list[tuple[int, int]]:
+    """waitpid(-1, WNOHANG) until nothing is left to reap; returns (pid, status) pairs."""
+    out = []
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return out
+        if pid == 0:
+            return out
+        out.append((pid, status))
+
+
+def kill_tree(pids: list[int], sig: int = signal.SIGKILL) -> None:
+    for p in pids:
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass

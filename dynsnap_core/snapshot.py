@@ -1,0 +1,487 @@
+"""Snapshot orchestration: checkpoint (freeze, CRIU dump, persist, atomic commit), restore, verify, list."""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+from . import manifest as mf
+from . import proc
+from .criu import find_criu, require_privilege
+from .errors import (CudaDeviceMismatch, CudaUnavailable, DynsnapError, SnapshotCorrupt, SnapshotExists,
+                     SnapshotNotFound, StorageError)
+
+__all__ = ["Snapshot", "RestoredProcess", "checkpoint", "restore", "open_snapshot", "list_snapshots",
+           "default_home", "Interrupted"]
+
+STAGING_TAG = ".dynsnap-staging."
+Progress = Optional[Callable[[str, int, int], Any]]   # (phase, done, total)
+
+
+def _version() -> str:
+    from . import __version__
+    return __version__
+
+
+def default_home() -> Path:
+    """$DYNSNAP_HOME, else /var/lib/dynsnap for root, else $XDG_DATA_HOME/dynsnap (~/.local/share/dynsnap)."""
+    env = os.environ.get("DYNSNAP_HOME")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/lib/dynsnap")
+    xdg = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return Path(xdg) / "dynsnap"
+
+
+def snapshots_root() -> Path:
+    return default_home() / "snapshots"
+
+
+def resolve(path_or_name: str | os.PathLike) -> Path:
+    """A path as given, or a bare name looked up under the default snapshot root."""
+    p = Path(path_or_name)
+    if p.exists() or os.sep in str(path_or_name) or str(path_or_name).startswith("."):
+        return p
+    cand = snapshots_root() / p
+    return cand if cand.exists() else p
+
+
+class Interrupted(DynsnapError):
+    """dynsnap was asked to stop (SIGINT/SIGTERM/SIGHUP) and rolled back."""
+
+
+@contextmanager
+def _deferred_signals(state: dict) -> Iterator[None]:
+    """Turn SIGINT/SIGTERM/SIGHUP into a flag checked at safe points, so a kill rolls back cleanly."""
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    try:
+        old = {s: signal.getsignal(s) for s in sigs}
+
+        def handler(signum, frame):
+            state["signal"] = signum
+        for s in sigs:
+            signal.signal(s, handler)
+    except ValueError:          # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _check_interrupt(state: dict, stage: str) -> None:
+    if state.get("signal"):
+        name = signal.Signals(state["signal"]).name
+        raise Interrupted(f"checkpoint interrupted by {name} during {stage}; nothing was kept", stage=stage)
+
+
+@dataclass
+class Snapshot:
+    """A committed snapshot directory and its manifest."""
+
+    path: Path
+    manifest: dict
+
+    @property
+    def root_pid(self) -> int:
+        return self.manifest["root_pid"]
+
+    @property
+    def total_bytes(self) -> int:
+        return self.manifest["total_bytes"]
+
+    @property
+    def timings(self) -> dict:
+        return self.manifest.get("timings", {})
+
+    def verify(self, progress: Progress = None) -> int:
+        """Check every file's size and checksum; raise SnapshotCorrupt naming the first bad file."""
+        cb = (lambda d, t: progress("verify", d, t)) if progress else None
+        return mf.verify_files(self.path, self.manifest, progress=cb)
+
+    def restore(self, **kw) -> "RestoredProcess":
+        return restore(self.path, **kw)
+
+    def to_dict(self) -> dict:
+        return {"path": str(self.path), **self.manifest}
+
+
+@dataclass
+class RestoredProcess:
+    """The root of a restored process tree. It is not our child (CRIU re-parents it)."""
+
+    pid: int
+    snapshot: Snapshot
+    timings: dict = field(default_factory=dict)
+
+    def alive(self) -> bool:
+        return proc.exists(self.pid)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        proc.kill_tree(list(reversed(proc.tree(self.pid))), sig)
+
+    def to_dict(self) -> dict:
+        return {"pid": self.pid, "snapshot": str(self.snapshot.path), "timings": self.timings}
+
+
+def open_snapshot(path: str | os.PathLike) -> Snapshot:
+    p = resolve(path)
+    return Snapshot(p, mf.read(p))
+
+
+def _staging_owner_dead(name: str) -> bool:
+    try:
+        pid = int(name.rsplit(".", 1)[1])
+    except (IndexError, ValueError):
+        return False
+    return not proc.exists(pid)
+
+
+def clean_stale_staging(parent: Path) -> list[Path]:
+    """Remove staging directories left by a dynsnap that was killed (owner pid no longer alive)."""
+    removed = []
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return removed
+    for e in entries:
+        if STAGING_TAG in e.name and _staging_owner_dead(e.name):
+            shutil.rmtree(e, ignore_errors=True)
+            removed.append(e)
+    return removed
+
+
+def _tmpfs_dir() -> Optional[Path]:
+    for cand in (os.environ.get("DYNSNAP_TMPFS"), "/dev/shm"):
+        if cand and os.path.isdir(cand) and os.access(cand, os.W_OK):
+            return Path(cand)
+    return None
+
+
+def _mem_available() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def choose_dump_dir(target_parent: Path, estimate: int) -> tuple[Path, str]:
+    """Where CRIU dumps: tmpfs when the image fits comfortably in free memory, else the target file system.
+
+    Override with DYNSNAP_STAGING=tmpfs|target.
+    """
+    mode = os.environ.get("DYNSNAP_STAGING", "auto")
+    tmpfs = _tmpfs_dir()
+    if mode != "target" and tmpfs is not None:
+        st = os.statvfs(tmpfs)
+        free = st.f_bavail * st.f_frsize
+        fits = free > estimate * 1.2 + (256 << 20) and _mem_available() > estimate * 2 + (512 << 20)
+        if fits or mode == "tmpfs":
+            return Path(tempfile.mkdtemp(prefix=f"dynsnap-dump-{os.getpid()}-", dir=tmpfs)), "tmpfs"
+    return target_parent, "target"
+
+
+def _gpu_facts() -> dict:
+    from . import cuda
+    try:
+        info = cuda.driver_info()
+        devs = cuda.devices() if info.get("available") else []
+    except DynsnapError:
+        return {}
+    return {"driver_version": info.get("driver_version"), "devices": devs}
+
+
+def checkpoint(pid: int, out: str | os.PathLike | None = None, *, leave_running: bool = False,
+               cuda_lock_timeout_ms: int = 10000, progress: Progress = None, engine: str = "auto",
+               log: Callable[[str], Any] | None = None) -> Snapshot:
+    """Snapshot the process tree rooted at ``pid`` into ``out`` (default: a new directory under the home).
+
+    Steps: preflight -> (CUDA lock + checkpoint) -> CRIU dump with the tree left stopped -> persist with
+    checksums -> manifest -> atomic rename -> stop the tree (or, with ``leave_running``, resume it).
+    On any failure the tree is resumed (CUDA restored and unlocked), staging is removed and no snapshot
+    is visible.
+    """
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    require_privilege("checkpoint")
+    proc.validate_target(pid)
+    criu = find_criu()
+    if out is None:
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = snapshots_root() / f"{proc.comm(pid)}-{pid}-{stamp}"
+    out = Path(out).absolute()
+    if out.exists():
+        raise SnapshotExists(f"{out} already exists; choose another --out or remove it", stage="preflight",
+                             path=str(out))
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StorageError(f"cannot create {parent}: {e.strerror}", stage="preflight", path=str(parent),
+                           errno=e.errno) from None
+    clean_stale_staging(parent)
+    pids = proc.tree(pid)
+    cmd = proc.cmdline(pid)
+    rss = sum(proc.rss_bytes(p) for p in pids)
+    shell_job = proc.session_id(pid) != pid
+
+    staging = parent / f".{out.name}{STAGING_TAG}{os.getpid()}"
+    dump_dir: Optional[Path] = None
+    cuda_tree = None
+    frozen = False
+    committed = False
+    sigstate: dict = {}
+    try:
+        with _deferred_signals(sigstate):
+            # GPU: which processes of the tree use CUDA (the driver says), lock all, then checkpoint all.
+            gpu: dict = {}
+            from . import cuda
+            if cuda.is_available():
+                cpids = cuda.cuda_pids(pids)
+                if cpids:
+                    gpu = _gpu_facts()
+                    gpu["pids"] = cpids
+                    gpu["memory"] = {str(p): cuda.process_gpu_memory(p) for p in cpids}
+                    if log:
+                        gpu_bytes = sum(v or 0 for v in gpu["memory"].values())
+                        log(f"image estimate: host RSS {rss / 2**30:.2f} GiB + GPU {gpu_bytes / 2**30:.2f} GiB "
+                            f"in {len(cpids)} CUDA process(es)")
+                    cuda_tree = cuda.CudaTree(cpids, timeout_ms=cuda_lock_timeout_ms)
+                    if progress:
+                        progress("gpu checkpoint", 0, 1)
+                    cuda_tree.lock_all()
+                    _check_interrupt(sigstate, "lock")
+                    cuda_tree.checkpoint_all()
+                    timings.update(cuda_tree.timings)
+                    _check_interrupt(sigstate, "gpu checkpoint")
+            estimate = rss + sum(v or 0 for v in gpu.get("memory", {}).values())
+            dump_root, dump_where = choose_dump_dir(parent, estimate)
+            if dump_where == "target":
+                staging.mkdir()
+                dump_dir = staging / "criu"
+                dump_dir.mkdir()
+            else:
+                dump_dir = dump_root
+            args = ["dump", "-t", str(pid), "-D", str(dump_dir), "--leave-stopped", "--file-locks"]
+            if shell_job:
+                args.append("--shell-job")
+            # Test hook: CRIU's own fault injection (FI_DUMP_PAGES) makes a real dump fail half-way.
+            fault = {"CRIU_FAULT": "3"} if os.environ.get("DYNSNAP_FAULT") == "dump" else None
+            if progress:
+                progress("criu dump", 0, 1)
+            frozen = True       # from here on, a failure must resume the tree (CRIU may leave it stopped)
+            timings["criu_dump"] = criu.run(args, log=dump_dir / "dump.log", stage="dump", pid=pid, env=fault)
+            proc.wait_stopped(pids)
+            _check_interrupt(sigstate, "dump")
+
+            # persist: stream the images to the target file system with checksums (C engine).
+            t0 = time.perf_counter()
+            files, engine_used = _persist(dump_dir, dump_where, staging, engine, progress, sigstate)
+            timings["persist"] = time.perf_counter() - t0
+            _check_interrupt(sigstate, "persist")
+
+            manifest = {
+                "magic": mf.MAGIC, "format": mf.FORMAT_VERSION, "checksum": mf.CHECKSUM,
+                "dynsnap_version": _version(), "criu_version": criu.version_str,
+                "kernel": platform.release(), "host": socket.gethostname(), "arch": platform.machine(),
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "created_unix": time.time(), "root_pid": pid, "pids": pids, "cmdline": cmd,
+                "comm": proc.comm(pid), "shell_job": shell_job, "leave_running": leave_running,
+                "host_rss_bytes": rss, "files": files, "total_bytes": sum(f["size"] for f in files),
+                "io_engine": engine_used, "dump_staging": dump_where, "cuda": gpu or None,
+                "timings": timings,
+            }
+            timings["total"] = time.perf_counter() - t_start
+            mf.write(staging, manifest)
+            os.rename(staging, out)
+            committed = True
+            mf.fsync_dir(parent)
+    except BaseException:
+        if not committed:
+            _rollback(pids, frozen, cuda_tree)
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        if dump_dir is not None and not str(dump_dir).startswith(str(staging)):
+            shutil.rmtree(dump_dir, ignore_errors=True)
+    # The snapshot is durable. Now finish the tree's fate.
+    if leave_running:
+        if cuda_tree is not None:
+            cuda_tree_resume(cuda_tree, pids)
+        else:
+            proc.kill_tree(pids, signal.SIGCONT)
+    else:
+        proc.kill_tree(pids, signal.SIGKILL)
+    return Snapshot(out, manifest)
+
+
+def cuda_tree_resume(cuda_tree, pids: list[int]) -> None:
+    proc.kill_tree(pids, signal.SIGCONT)
+    t0 = time.perf_counter()
+    cuda_tree.restore_all()
+    cuda_tree.unlock_all()
+    cuda_tree.timings["resume"] = time.perf_counter() - t0
+
+
+def _rollback(pids: list[int], frozen: bool, cuda_tree) -> None:
+    """Put the source tree back to running: continue it, then CUDA restore + unlock."""
+    if frozen:
+        proc.kill_tree(pids, signal.SIGCONT)
+    if cuda_tree is not None:
+        cuda_tree.rollback()
+    else:
+        proc.kill_tree(pids, signal.SIGCONT)
+
+
+def _persist(dump_dir: Path, dump_where: str, staging: Path, engine: str, progress: Progress,
+             sigstate: dict) -> tuple[list[dict], str]:
+    from . import io as dio
+
+    def cb(done: int, total: int) -> None:
+        if progress:
+            progress("persist", done, total)
+        _check_interrupt(sigstate, "persist")
+
+    try:
+        if dump_where == "tmpfs":
+            staging.mkdir()
+            res = dio.copy_tree(str(dump_dir), str(staging / "criu"), engine=engine, direct=True,
+                                checksum=True, fsync=True, progress=cb)
+            files = [{"path": f"criu/{f.path}", "size": f.size, "xxh3": f.xxh3} for f in res.files]
+            used = res.engine
+        else:
+            files, used = [], engine
+            for p in sorted(dump_dir.rglob("*")):
+                if p.is_file():
+                    r = dio.hash_file(str(p), engine=engine)
+                    _fsync_file(p)
+                    files.append({"path": str(p.relative_to(staging)), "size": r.size, "xxh3": r.xxh3})
+            mf.fsync_dir(dump_dir)
+    except OSError as e:
+        name = e.filename or str(staging)
+        raise StorageError(f"writing the snapshot failed at {name}: {os.strerror(e.errno or 5)}",
+                           stage="persist", path=name, errno=e.errno) from None
+    files.sort(key=lambda f: f["path"])
+    return files, used
+
+
+def _fsync_file(p: Path) -> None:
+    fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _check_devices(m: dict) -> None:
+    gpu = m.get("cuda")
+    if not gpu:
+        return
+    from . import cuda
+    if not cuda.is_available():
+        reason = cuda.driver_info().get("reason") or "no CUDA driver with the checkpoint API"
+        raise CudaUnavailable(f"this snapshot holds GPU state but this machine cannot restore it: {reason}",
+                              stage="preflight")
+    have = cuda.devices()
+    want = gpu.get("devices") or []
+    want_names = sorted(d.get("name") for d in want)
+    have_names = sorted(d.get("name") for d in have)[:len(want_names)]
+    if want_names and want_names != have_names:
+        raise CudaDeviceMismatch(
+            f"snapshot was taken on {', '.join(want_names)} but this machine has "
+            f"{', '.join(have_names) or 'no GPU'}; CUDA restore needs the same chip type", stage="preflight")
+
+
+def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optional[dict] = None,
+            progress: Progress = None, engine: str = "auto",
+            log_dir: Optional[Path] = None) -> RestoredProcess:
+    """Verify a snapshot and bring its process tree back (detached); return the restored root.
+
+    Steps: manifest + checksums -> device check -> CRIU restore -> (CUDA restore -> unlock).
+    """
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    require_privilege("restore")
+    snap = open_snapshot(path)
+    m = snap.manifest
+    criu = find_criu()
+    _check_devices(m)
+    if verify:
+        t0 = time.perf_counter()
+        snap.verify(progress)
+        timings["verify"] = time.perf_counter() - t0
+    pid = m["root_pid"]
+    if proc.exists(pid):
+        raise DynsnapError(f"pid {pid} is in use by a running process ({proc.comm(pid)}); a snapshot restores "
+                           "with its original pids, so stop that process first", stage="restore", pid=pid)
+    log_dir = Path(log_dir) if log_dir else default_home() / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    work = Path(tempfile.mkdtemp(prefix=f"restore-{stamp}-", dir=log_dir))
+    pidfile = work / "pid"
+    args = ["restore", "-D", str(snap.path / "criu"), "-W", str(work), "-d", "--pidfile", str(pidfile),
+            "--file-locks"]
+    if m.get("shell_job"):
+        args.append("--shell-job")
+    if progress:
+        progress("criu restore", 0, 1)
+    timings["criu_restore"] = criu.run(args, log=work / "restore.log", stage="restore", pid=pid)
+    try:
+        rpid = int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        rpid = pid
+    gpu = m.get("cuda")
+    if gpu and gpu.get("pids"):
+        from . import cuda
+        tree = cuda.CudaTree(gpu["pids"])
+        if progress:
+            progress("gpu restore", 0, 1)
+        try:
+            tree.restore_all(device_map=device_map)
+            tree.unlock_all()
+        except DynsnapError:
+            proc.kill_tree(list(reversed(proc.tree(rpid))))
+            raise
+        timings.update(tree.timings)
+    timings["total"] = time.perf_counter() - t_start
+    shutil.rmtree(work, ignore_errors=True) if os.environ.get("DYNSNAP_KEEP_LOGS") is None else None
+    return RestoredProcess(rpid, snap, timings)
+
+
+def list_snapshots(root: Optional[Path] = None) -> list[dict]:
+    """Snapshots under ``root`` (default: the home's snapshots/): name, path, size, age, command, status."""
+    root = Path(root) if root else snapshots_root()
+    rows = []
+    if not root.is_dir():
+        return rows
+    clean_stale_staging(root)
+    for d in sorted(root.iterdir()):
+        if not d.is_dir() or STAGING_TAG in d.name:
+            continue
+        row: dict[str, Any] = {"name": d.name, "path": str(d)}
+        try:
+            m = mf.read(d)
+        except (SnapshotCorrupt, SnapshotNotFound) as e:
+            row.update(status="invalid", error=str(e))
+        else:
+            row.update(status="ok", bytes=m["total_bytes"], created=m["created"],
+                       age_s=max(0.0, time.time() - m.get("created_unix", time.time())),
+                       command=" ".join(m.get("cmdline") or [m.get("comm", "?")]), pid=m["root_pid"],
+                       gpu=bool(m.get("cuda")))
+        rows.append(row)
+    return rows

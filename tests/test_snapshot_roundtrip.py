@@ -1,0 +1,115 @@
+"""Round trips through real CRIU: checkpoint -> kill -> restore, and the restored process proves its state."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+
+from conftest import cli
+
+pytestmark = pytest.mark.criu
+
+FEATURES = {
+    "memory": ("--mem-mb", "300"),
+    "threads": ("--threads", "6"),
+    "pipe": ("--pipe",),
+    "memfd": ("--memfd",),
+}
+
+
+@pytest.mark.parametrize("feature", sorted(FEATURES))
+def test_round_trip_cli(feature, workload, tmp_path, home):
+    w = workload(*FEATURES[feature])
+    before = w.request()
+    assert before["all_ok"], before
+    out = tmp_path / "snap"
+    r = cli("checkpoint", "--pid", w.pid, "--out", out, "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["path"] == str(out) and info["pid"] == w.pid and info["bytes"] > 0
+    w.reap_original()
+    assert not w.alive(), "without --leave-running the source stops after the snapshot"
+    assert (out / "manifest.json").exists()
+
+    r = cli("restore", out, "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["pid"] == w.pid
+    assert res["criu_restore"] > 0
+    after = w.request()
+    assert after["all_ok"], after
+    assert after["pid"] == w.pid
+    # It continues from where it stopped: the request counter goes on, it does not start over.
+    assert after["counter"] == before["counter"] + 1
+    if feature == "memory":
+        assert after["mem"]["sha256"] == before["mem"]["sha256"]
+    if feature == "threads":
+        assert after["threads"]["alive"] == 6 and after["threads"]["ticks"] > before["threads"]["ticks"]
+
+
+def test_round_trip_file_and_listening_socket(workload, tmp_path, home):
+    """A file open for writing keeps its position; the listening Unix socket keeps accepting."""
+    path = tmp_path / "out.txt"
+    w = workload("--file", str(path))
+    assert w.request()["file"]["lines"] == 2
+    out = tmp_path / "snap"
+    assert cli("checkpoint", "--pid", w.pid, "--out", out).returncode == 0
+    w.reap_original()
+    r = cli("restore", out)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"restored pid {w.pid} from {out}")
+    after = w.request()
+    assert after["file"] == {"ok": True, "lines": 3, "pos": len("line 0\nline 1\nline 2\n")}
+    assert path.read_text() == "line 0\nline 1\nline 2\n"
+
+
+def test_python_api_leave_running(workload, tmp_path, home):
+    import dynsnap_core as ds
+    w = workload("--mem-mb", "64", "--threads", "2")
+    before = w.request()
+    snap = ds.checkpoint(w.pid, tmp_path / "snap", leave_running=True)
+    assert isinstance(snap, ds.Snapshot)
+    assert w.alive() and w.state() != "T"
+    mid = w.request()
+    assert mid["all_ok"] and mid["counter"] == before["counter"] + 1
+    assert snap.verify() == snap.total_bytes
+    m = snap.manifest
+    assert m["root_pid"] == w.pid and m["cmdline"][1].endswith("zdtm.py")
+    assert m["criu_version"].startswith("4.") and m["checksum"] == "xxh3-64"
+    assert m["total_bytes"] == sum(f["size"] for f in m["files"]) > 64 << 20
+    assert {"criu_dump", "persist", "total"} <= set(m["timings"])
+    # Restoring while the source still runs is refused with a clear sentence: pids are taken.
+    with pytest.raises(ds.DynsnapError, match=f"pid {w.pid} is in use"):
+        ds.restore(snap.path)
+    os.kill(w.pid, signal.SIGKILL)
+    w.reap_original()
+    r = ds.restore(snap.path)
+    assert isinstance(r, ds.RestoredProcess) and r.pid == w.pid and r.alive()
+    after = w.request()
+    assert after["all_ok"] and after["mem"]["sha256"] == before["mem"]["sha256"]
+    # The restored process resumes from the snapshot moment, not from after it.
+    assert after["counter"] == before["counter"] + 1
+
+
+def test_default_home_list_inspect_verify(workload, tmp_path, home):
+    w = workload("--memfd")
+    r = cli("checkpoint", "--pid", w.pid, "--leave-running", "--json")
+    assert r.returncode == 0, r.stderr
+    path = json.loads(r.stdout)["path"]
+    assert path.startswith(str(home / "snapshots") + "/python")
+    r = cli("list", "--json")
+    rows = json.loads(r.stdout)
+    assert [x["path"] for x in rows] == [path] and rows[0]["status"] == "ok" and "zdtm.py" in rows[0]["command"]
+    r = cli("list")
+    assert r.returncode == 0 and os.path.basename(path) in r.stdout and "zdtm.py" in r.stdout
+    r = cli("verify", os.path.basename(path))          # a bare name resolves under the home
+    assert r.returncode == 0 and ": ok," in r.stdout, r.stderr
+    r = cli("inspect", path, "--json")
+    info = json.loads(r.stdout)
+    assert info["kind"] == "snapshot" and info["manifest"]["root_pid"] == w.pid
+    r = cli("inspect", path)
+    assert f"pid {w.pid}" in r.stdout and "xxh3-64" in r.stdout
+    r = cli("inspect", os.path.join(path, "criu", "core-%d.img" % w.pid), "--json")
+    assert json.loads(r.stdout)["kind"] == "criu image"

@@ -1,0 +1,118 @@
+"""Self-checking workload (in the spirit of CRIU's zdtm): builds state, signals ready, answers 'check' with proof.
+
+Usage: zdtm.py --sock PATH --ready FILE [--mem-mb N] [--threads K] [--pipe] [--memfd] [--file PATH]
+'check' replies JSON: per feature whether its state is intact, plus a counter that keeps advancing, so a test can
+show that the restored process continues from where it stopped.
+"""
+import argparse
+import hashlib
+import json
+import os
+import socket
+import threading
+import time
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--sock", required=True)
+ap.add_argument("--ready", required=True)
+ap.add_argument("--mem-mb", type=int, default=0)
+ap.add_argument("--threads", type=int, default=0)
+ap.add_argument("--pipe", action="store_true")
+ap.add_argument("--memfd", action="store_true")
+ap.add_argument("--file")
+ap.add_argument("--io-uring", action="store_true", help="hold an io_uring instance (CRIU cannot dump it)")
+a = ap.parse_args()
+
+state = {}
+mem = os.urandom(a.mem_mb << 20) if a.mem_mb else b""
+mem_hash = hashlib.sha256(mem).hexdigest()
+state["mem"] = lambda: {"ok": hashlib.sha256(mem).hexdigest() == mem_hash, "sha256": mem_hash}
+
+ticks = [0] * a.threads
+stop = False
+
+
+def spin(i):
+    while not stop:
+        ticks[i] += 1
+        time.sleep(0.001)
+
+
+threads = [threading.Thread(target=spin, args=(i,), daemon=True) for i in range(a.threads)]
+for t in threads:
+    t.start()
+
+
+def threads_check():
+    before = list(ticks)
+    time.sleep(0.05)
+    return {"ok": all(t.is_alive() for t in threads) and all(x > y for x, y in zip(ticks, before)),
+            "alive": sum(t.is_alive() for t in threads), "ticks": sum(ticks)}
+
+
+state["threads"] = threads_check
+
+if a.pipe:
+    r, w = os.pipe()
+    payload = hashlib.shake_256(b"pipe").digest(40000)   # stays in the pipe buffer across the snapshot
+    os.write(w, payload)
+
+    def pipe_check():
+        data = b""
+        while len(data) < len(payload):
+            data += os.read(r, len(payload) - len(data))
+        os.write(w, payload)
+        return {"ok": data == payload}
+    state["pipe"] = pipe_check
+
+if a.memfd:
+    mfd = os.memfd_create("zdtm-memfd")
+    content = hashlib.shake_256(b"memfd").digest(3 << 20)
+    os.write(mfd, content)
+
+    def memfd_check():
+        return {"ok": os.pread(mfd, len(content) + 1, 0) == content,
+                "size": os.fstat(mfd).st_size}
+    state["memfd"] = memfd_check
+
+if a.file:
+    f = open(a.file, "w")
+    f.write("line 0\n")
+    f.flush()
+    lines = [1]
+
+    def file_check():
+        f.write(f"line {lines[0]}\n")
+        f.flush()
+        lines[0] += 1
+        with open(a.file) as g:
+            got = g.read()
+        want = "".join(f"line {i}\n" for i in range(lines[0]))
+        return {"ok": got == want, "lines": lines[0], "pos": f.tell()}
+    state["file"] = file_check
+
+if a.io_uring:
+    import ctypes
+    params = (ctypes.c_uint8 * 120)()
+    ring_fd = ctypes.CDLL(None, use_errno=True).syscall(425, 8, params)   # io_uring_setup
+    assert ring_fd >= 0, "io_uring_setup failed"
+
+counter = [0]
+srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+srv.bind(a.sock)
+srv.listen(8)
+with open(a.ready, "w") as fh:
+    fh.write(str(os.getpid()))
+while True:
+    c, _ = srv.accept()
+    with c:
+        req = c.recv(64).decode().strip()
+        counter[0] += 1
+        if req == "check":
+            out = {k: fn() for k, fn in state.items()}
+            out["counter"] = counter[0]
+            out["pid"] = os.getpid()
+            out["all_ok"] = all(v["ok"] for k, v in out.items() if isinstance(v, dict))
+            c.sendall(json.dumps(out).encode())
+        else:
+            c.sendall(b"{}")
