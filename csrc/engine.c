@@ -1,0 +1,189 @@
+/* The engine object: configuration, last error, resource counters and small syscall helpers. */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "engine.h"
+
+int ds_io_engine_create(struct ds_io_engine **out, const struct ds_io_config *cfg)
+{
+	struct ds_io_engine *e;
+
+	*out = NULL;
+	if (cfg->backend < DS_IO_AUTO || cfg->backend > DS_IO_PSYNC)
+		return -EINVAL;
+	if (cfg->block_size && (cfg->block_size % DS_IO_ALIGN || cfg->block_size > (1u << 30)))
+		return -EINVAL;
+	if (cfg->queue_depth > 4096)
+		return -EINVAL;
+	e = calloc(1, sizeof(*e));
+	if (!e)
+		return -ENOMEM;
+	e->cfg = *cfg;
+	if (!e->cfg.block_size)
+		e->cfg.block_size = DS_IO_DEFAULT_BLOCK_SIZE;
+	if (!e->cfg.queue_depth)
+		e->cfg.queue_depth = DS_IO_DEFAULT_QUEUE_DEPTH;
+	e->backend_used = cfg->backend;
+	*out = e;
+	return 0;
+}
+
+void ds_io_engine_destroy(struct ds_io_engine *e)
+{
+	free(e);
+}
+
+const char *ds_io_engine_errmsg(const struct ds_io_engine *e) { return e->errmsg; }
+const char *ds_io_engine_errop(const struct ds_io_engine *e) { return e->errop; }
+const char *ds_io_engine_errpath(const struct ds_io_engine *e) { return e->errpath; }
+int ds_io_engine_backend(const struct ds_io_engine *e) { return e->backend_used; }
+
+void ds_io_engine_counters(const struct ds_io_engine *e, struct ds_io_counters *out)
+{
+	*out = e->cnt;
+}
+
+const char *ds_io_backend_name(int backend)
+{
+	switch (backend) {
+	case DS_IO_AUTO: return "auto";
+	case DS_IO_URING: return "io_uring";
+	case DS_IO_AIO: return "aio";
+	case DS_IO_PSYNC: return "psync";
+	}
+	return "unknown";
+}
+
+int ds_io_backend_probe(int backend)
+{
+	struct ds_io_config cfg = { .backend = backend };
+	struct ds_io_engine *e;
+	struct __ds_backend b;
+	int ret;
+
+	ret = ds_io_engine_create(&e, &cfg);
+	if (ret)
+		return ret;
+	ret = __ds_backend_open(e, &b, 4);
+	if (!ret)
+		__ds_backend_close(&b);
+	ds_io_engine_destroy(e);
+	return ret;
+}
+
+int __ds_fail(struct ds_io_engine *e, int err, const char *op, const char *path, const char *fmt, ...)
+{
+	char buf[256], detail[256];
+	const char *text;
+	va_list ap;
+
+	/* keep the first failure: later ones are usually its consequences */
+	if (e->errmsg[0])
+		return err;
+	text = strerror_r(-err, buf, sizeof(buf));
+	detail[0] = 0;
+	if (fmt) {
+		va_start(ap, fmt);
+		vsnprintf(detail, sizeof(detail), fmt, ap);
+		va_end(ap);
+	}
+	snprintf(e->errop, sizeof(e->errop), "%s", op);
+	snprintf(e->errpath, sizeof(e->errpath), "%s", path ? path : "");
+	snprintf(e->errmsg, sizeof(e->errmsg), "%s%s%s: %s%s%s", op, path ? " " : "", path ? path : "",
+		 detail[0] ? detail : text, detail[0] ? " - " : "", detail[0] ? text : "");
+	return err;
+}
+
+void *__ds_buf_alloc(struct ds_io_engine *e, size_t len)
+{
+	void *p = NULL;
+
+	len = (len + DS_IO_ALIGN - 1) / DS_IO_ALIGN * DS_IO_ALIGN;
+	if (posix_memalign(&p, DS_IO_ALIGN, len ? len : DS_IO_ALIGN))
+		return NULL;
+	e->cnt.buffers_created++;
+	return p;
+}
+
+void __ds_buf_free(struct ds_io_engine *e, void *p)
+{
+	if (!p)
+		return;
+	free(p);
+	e->cnt.buffers_freed++;
+}
+
+int __ds_open(struct ds_io_engine *e, const char *path, int flags, int mode)
+{
+	int fd;
+
+	do
+		fd = open(path, flags | O_CLOEXEC, mode);
+	while (fd < 0 && errno == EINTR);
+	if (fd < 0)
+		return -errno;
+	e->cnt.fds_opened++;
+	return fd;
+}
+
+int __ds_close(struct ds_io_engine *e, int fd)
+{
+	if (fd < 0)
+		return 0;
+	e->cnt.fds_closed++;
+	/* Linux always releases the fd, even on EINTR: never retry */
+	if (close(fd) < 0 && errno != EINTR)
+		return -errno;
+	return 0;
+}
+
+int __ds_set_direct(int fd)
+{
+	int fl = fcntl(fd, F_GETFL);
+
+	if (fl < 0)
+		return 0;
+	if (fcntl(fd, F_SETFL, fl | O_DIRECT) < 0)
+		return 0;
+	return 1;
+}
+
+uint64_t __ds_now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+int __ds_fsync_parent(struct ds_io_engine *e, const char *path)
+{
+	char dir[4096];
+	const char *slash = strrchr(path, '/');
+	size_t len = slash ? (size_t)(slash - path) : 0;
+	int fd, ret;
+
+	if (len >= sizeof(dir))
+		return __ds_fail(e, -ENAMETOOLONG, "fsync", path, NULL);
+	if (!slash)
+		strcpy(dir, ".");
+	else if (!len)
+		strcpy(dir, "/");
+	else {
+		memcpy(dir, path, len);
+		dir[len] = 0;
+	}
+	fd = __ds_open(e, dir, O_RDONLY | O_DIRECTORY, 0);
+	if (fd < 0)
+		return __ds_fail(e, fd, "open", dir, NULL);
+	ret = fsync(fd) < 0 ? -errno : 0;
+	__ds_close(e, fd);
+	if (ret)
+		return __ds_fail(e, ret, "fsync", dir, NULL);
+	return 0;
+}

@@ -1,0 +1,68 @@
+"""Compiled extensions of dynsnap-core: the C I/O engine (Cython) and the CUDA probe (pybind11)."""
+import os
+import shlex
+import subprocess
+
+from Cython.Build import cythonize
+from pybind11.setup_helpers import Pybind11Extension
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CSRC = sorted(os.path.join("csrc", f) for f in os.listdir(os.path.join(HERE, "csrc")) if f.endswith(".c"))
+STRICT = ["-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-D_GNU_SOURCE"]
+
+
+def deps():
+    """Include dirs, library dirs and link args for liburing, libaio and xxhash."""
+    prefix = os.environ.get("DYNSNAP_DEPS_PREFIX")
+    if prefix:
+        lib = os.path.join(prefix, "lib")
+        return [os.path.join(prefix, "include")], [lib], [f"-Wl,-rpath,{lib}"]
+    inc, libdirs = [], []
+    try:
+        out = subprocess.run(["pkg-config", "--cflags-only-I", "--libs-only-L", "liburing"],
+                             capture_output=True, text=True, check=True).stdout
+        for tok in shlex.split(out):
+            (inc if tok.startswith("-I") else libdirs).append(tok[2:])
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return inc, libdirs, []
+
+
+class BuildExt(build_ext):
+    """Compiles csrc/*.c with the strict C flags, then links them into the Cython module."""
+
+    def build_extension(self, ext):
+        strict = STRICT_SOURCES.get(ext.name)
+        if strict:
+            objs = self.compiler.compile(strict, output_dir=self.build_temp,
+                                         include_dirs=ext.include_dirs, extra_postargs=STRICT)
+            ext.extra_objects = list(objs)
+        super().build_extension(ext)
+
+
+INC, LIBDIRS, LINK = deps()
+io_ext = Extension(
+    "dynsnap_core._lib._io",
+    sources=["bindings/_io.pyx"],
+    include_dirs=["csrc/include", "csrc"] + INC,
+    library_dirs=LIBDIRS,
+    libraries=["uring", "aio"],
+    extra_compile_args=["-O2", "-D_GNU_SOURCE", "-Wno-unused-function"],
+    extra_link_args=LINK,
+)
+STRICT_SOURCES = {"dynsnap_core._lib._io": CSRC}
+
+probe_ext = Pybind11Extension(
+    "dynsnap_core._lib._cudaprobe",
+    sources=["bindings/cudaprobe.cpp"],
+    cxx_std=17,
+    libraries=["dl"],
+)
+
+setup(
+    ext_modules=cythonize([io_ext], language_level=3,
+                          compiler_directives={"boundscheck": False, "wraparound": False}) + [probe_ext],
+    cmdclass={"build_ext": BuildExt},
+)
