@@ -10,7 +10,7 @@ from typing import Optional
 from .errors import InvalidTarget, ProcessNotFound
 
 __all__ = ["exists", "tree", "cmdline", "comm", "rss_bytes", "session_id", "validate_target",
-           "state", "wait_stopped", "set_child_subreaper", "reap_children"]
+           "state", "wait_stopped", "unsupported_resources", "set_child_subreaper", "reap_children"]
 
 
 def exists(pid: int) -> bool:
@@ -116,6 +116,31 @@ def _ancestors(pid: int) -> list[int]:
             break
         out.append(pid)
     return out
+
+
+# fd targets that CRIU cannot checkpoint, with what to tell the user.
+_UNSUPPORTED_FDS = {
+    "anon_inode:[io_uring]": "an io_uring instance, which CRIU cannot checkpoint; close the ring first",
+}
+
+
+def unsupported_resources(pids: list[int]) -> list[str]:
+    """Sentences naming resources in these processes that a checkpoint cannot handle (checked before freezing)."""
+    found = []
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            what = _UNSUPPORTED_FDS.get(target)
+            if what:
+                found.append(f"pid {pid} holds {what} (fd {fd})")
+    return found
 
 
 def wait_stopped(pids: list[int], timeout: float = 5.0) -> None:

@@ -17,7 +17,8 @@ from typing import Any, Callable, Iterator, Optional
 from . import manifest as mf
 from . import proc
 from .criu import find_criu, require_privilege
-from .errors import (CudaDeviceMismatch, CudaUnavailable, DynsnapError, SnapshotCorrupt, SnapshotExists,
+from .errors import (CriuError, CudaDeviceMismatch, CudaUnavailable, DynsnapError, InvalidTarget, SnapshotCorrupt,
+                     SnapshotExists,
                      SnapshotNotFound, StorageError)
 
 __all__ = ["Snapshot", "RestoredProcess", "checkpoint", "restore", "open_snapshot", "list_snapshots",
@@ -236,6 +237,9 @@ def checkpoint(pid: int, out: str | os.PathLike | None = None, *, leave_running:
                            errno=e.errno) from None
     clean_stale_staging(parent)
     pids = proc.tree(pid)
+    problems = proc.unsupported_resources(pids)
+    if problems:
+        raise InvalidTarget(f"cannot checkpoint pid {pid}: {problems[0]}", stage="preflight", pid=pid)
     cmd = proc.cmdline(pid)
     rss = sum(proc.rss_bytes(p) for p in pids)
     shell_job = proc.session_id(pid) != pid
@@ -311,6 +315,12 @@ def checkpoint(pid: int, out: str | os.PathLike | None = None, *, leave_running:
             os.rename(staging, out)
             committed = True
             mf.fsync_dir(parent)
+    except CriuError as e:
+        _keep_log(e)
+        if not committed:
+            _rollback(pids, frozen, cuda_tree)
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     except BaseException:
         if not committed:
             _rollback(pids, frozen, cuda_tree)
@@ -328,6 +338,21 @@ def checkpoint(pid: int, out: str | os.PathLike | None = None, *, leave_running:
     else:
         proc.kill_tree(pids, signal.SIGKILL)
     return Snapshot(out, manifest)
+
+
+def _keep_log(e: CriuError) -> None:
+    """CRIU's log lives in the staging area that is about to be removed: keep a copy under the home's logs/."""
+    if not e.log or not os.path.exists(e.log):
+        return
+    logs = default_home() / "logs"
+    try:
+        logs.mkdir(parents=True, exist_ok=True)
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        dest = logs / f"{e.stage}-{e.pid or 'x'}-{stamp}.log"
+        shutil.copyfile(e.log, dest)
+        e.log = str(dest)
+    except OSError:
+        pass
 
 
 def cuda_tree_resume(cuda_tree, pids: list[int]) -> None:

@@ -111,24 +111,26 @@ def test_full_file_system(workload, small_fs):
 
 
 def test_undumpable_process(workload, tmp_path):
-    """A process holding an io_uring instance cannot be dumped by CRIU 4.1: clear error, worker unharmed."""
+    """A process holding an io_uring instance cannot be dumped by CRIU 4.1: refused before freezing anything."""
     w = workload("--io-uring")
     r = cli("checkpoint", "--pid", w.pid, "--out", tmp_path / "s")
     msg = one_line(r, "checkpoint")
-    assert msg.startswith(f"CRIU dump of pid {w.pid} failed: ")
-    assert "(log: " in msg and msg.endswith("dump.log)")
+    assert msg.startswith(f"cannot checkpoint pid {w.pid}: pid {w.pid} holds an io_uring instance, which CRIU "
+                          "cannot checkpoint; close the ring first (fd ")
     assert not (tmp_path / "s").exists()
     assert [p for p in tmp_path.iterdir() if "staging" in p.name] == []
     time.sleep(0.1)
     assert w.alive() and w.state() != "T" and w.request()["all_ok"]
 
 
-def test_injected_dump_failure(workload, tmp_path):
-    """CRIU's own fault injection makes the dump fail mid-way; the worker keeps serving."""
+def test_injected_dump_failure(workload, tmp_path, home):
+    """CRIU's own fault injection makes the dump fail mid-way; the worker keeps serving; CRIU's log is kept."""
     w = workload("--threads", "2")
     r = cli("checkpoint", "--pid", w.pid, "--out", tmp_path / "s", env={"DYNSNAP_FAULT": "dump"})
     msg = one_line(r, "checkpoint")
-    assert msg.startswith(f"CRIU dump of pid {w.pid} failed")
+    assert msg.startswith(f"CRIU dump of pid {w.pid} failed: fault: Dump VMA pages failure! (log: {home}/logs/dump-")
+    log = msg.split("(log: ")[1].rstrip(")")
+    assert "Dumping FAILED" in Path(log).read_text()
     assert not (tmp_path / "s").exists()
     time.sleep(0.1)
     assert w.alive() and w.request()["all_ok"]
