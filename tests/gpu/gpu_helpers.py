@@ -12,7 +12,6 @@ import time
 import uuid
 from typing import Any, List, Optional
 
-import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker_torch.py")
@@ -175,7 +174,7 @@ def json_out(r: subprocess.CompletedProcess) -> Any:
     try:
         return json.loads(r.stdout)
     except ValueError:
-        pytest.fail(f"no JSON in output (rc {r.returncode}): stdout={r.stdout[-2000:]!r} stderr={r.stderr[-2000:]!r}")
+        raise AssertionError(f"no JSON in output (rc {r.returncode}): stdout={r.stdout[-2000:]!r} stderr={r.stderr[-2000:]!r}")
 
 
 def find_key(obj: Any, key: str) -> Any:

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# gpu-bundle.sh: pack what a GPU machine without package access lacks into .gpubundle/ (carried by the device tool).
+#
+#   scripts/gpu-bundle.sh            -> .gpubundle/criu.tar.gz   (CRIU 4.1 prefix, unpack into /opt/dynsnap/)
+#                                       .gpubundle/deps/{include,lib} (liburing, libaio, xxhash from Debian 12)
+# Runs on a Debian 12 machine with apt access. Idempotent; scripts/gpu-check.sh consumes the result.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+B=.gpubundle
+STAGE=${DYNSNAP_CRIU_STAGE:-/tmp/dynsnap-criu-stage}
+mkdir -p "$B"
+
+# keep the bundle out of git
+exclude="$(git rev-parse --git-common-dir)/info/exclude"
+mkdir -p "$(dirname "$exclude")"
+grep -qxF '/.gpubundle/' "$exclude" 2>/dev/null || echo '/.gpubundle/' >> "$exclude"
+
+# 1. CRIU: a relocatable prefix (wrapper at criu/bin/criu), packed as criu/...
+if [[ ! -s "$B/criu.tar.gz" ]]; then
+    mkdir -p "$STAGE"
+    scripts/criu-bundle.sh "$STAGE/criu" --tar "$B/criu.tar.gz"
+fi
+
+# 2. build dependencies the GPU machine has no headers for (Debian 12 = glibc 2.36, runs on newer hosts)
+PKGS=(liburing-dev liburing2 libaio-dev libaio1 libxxhash-dev libxxhash0)
+if [[ ! -e "$B/deps/.done" ]]; then
+    work=$(mktemp -d /tmp/dynsnap-gpubundle.XXXXXX)
+    trap 'rm -rf "$work"' EXIT
+    (cd "$work" && apt-get download "${PKGS[@]}" >/dev/null)
+    mkdir -p "$work/root"
+    for deb in "$work"/*.deb; do dpkg-deb -x "$deb" "$work/root"; done
+    rm -rf "$B/deps"
+    mkdir -p "$B/deps/include" "$B/deps/lib"
+    cp -a "$work/root/usr/include/." "$B/deps/include/"
+    for d in "$work/root/usr/lib/x86_64-linux-gnu" "$work/root/lib/x86_64-linux-gnu"; do
+        [[ -d "$d" ]] && cp -a "$d/." "$B/deps/lib/"
+    done
+    # pkg-config files point at /usr: make them relative to the prefix
+    if [[ -d "$B/deps/lib/pkgconfig" ]]; then
+        sed -i 's|^prefix=.*|prefix=${pcfiledir}/../..|; s|^libdir=.*|libdir=${prefix}/lib|; s|^includedir=.*|includedir=${prefix}/include|' \
+            "$B"/deps/lib/pkgconfig/*.pc
+    fi
+    printf '%s\n' "${PKGS[@]}" > "$B/deps/PACKAGES"
+    dpkg-deb -f "$work"/liburing-dev*.deb Version | sed 's/^/liburing-dev /' >> "$B/deps/PACKAGES"
+    touch "$B/deps/.done"
+fi
+
+echo "gpu-bundle: $(du -sh "$B" | cut -f1) in $B"
+du -sh "$B"/* | sed 's/^/  /'

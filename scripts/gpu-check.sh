@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# gpu-check.sh: build dynsnap and run its GPU suite and GPU benches on a GPU machine without package access.
+#
+# Run from the repo root on the GPU machine, with .gpubundle/ (from scripts/gpu-bundle.sh) carried along:
+#   scripts/gpu-check.sh [setup] [tests] [bench [SIZES]]     (no argument: setup tests bench)
+# SIZES is a comma list of GB (default 1,4,16, or $DYNSNAP_BENCH_SIZES). Results go to $OUT (default
+# /tmp/dynsnap-gpu-out): build.log, gpu-tests.log, bench-gpu.json, bench-gpu.log, summary.txt.
+# Uses the machine's python3 (torch, cuda-bindings preinstalled); setup always runs first (idempotent).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+OUT=${OUT:-/tmp/dynsnap-gpu-out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+SIZES=${DYNSNAP_BENCH_SIZES:-1,4,16}
+
+want_tests=0 want_bench=0
+if [[ $# -eq 0 ]]; then want_tests=1; want_bench=1; fi
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        setup) ;;
+        tests|test) want_tests=1 ;;
+        bench|benches)
+            want_bench=1
+            if [[ "${2:-}" =~ ^[0-9.,]+$ ]]; then SIZES=$2; shift; fi ;;
+        -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+        *) echo "gpu-check: unknown argument $1 (setup | tests | bench [SIZES])" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+summary=()
+note() { summary+=("$1"); echo "gpu-check: $1"; }
+
+# ---- setup: CRIU prefix, environment, in-place build ---------------------------------------------------
+BUNDLE=$REPO/.gpubundle
+if [[ ! -d "$BUNDLE" ]]; then
+    echo "gpu-check: $BUNDLE is missing: run scripts/gpu-bundle.sh here first and carry .gpubundle" >&2
+    exit 1
+fi
+if [[ ! -x /opt/dynsnap/criu/bin/criu ]]; then
+    mkdir -p /opt/dynsnap
+    tar -C /opt/dynsnap -xzf "$BUNDLE/criu.tar.gz"
+fi
+export DYNSNAP_CRIU=/opt/dynsnap/criu/bin/criu
+export DYNSNAP_DEPS_PREFIX=$BUNDLE/deps
+export LD_LIBRARY_PATH=$BUNDLE/deps/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
+
+echo "gpu-check: host $(hostname), $(nproc) cores, kernel $(uname -r), $($PY --version 2>&1)"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | sed 's/^/gpu-check: GPU /'
+
+if $PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then
+    note "build: ok"
+else
+    note "build: FAILED (tail of $OUT/build.log below)"
+    tail -30 "$OUT/build.log"
+fi
+criu_ver=$("$DYNSNAP_CRIU" --version 2>&1 | head -1)
+if "$DYNSNAP_CRIU" check >"$OUT/criu-check.log" 2>&1; then
+    note "criu check: ok ($criu_ver)"
+else
+    note "criu check: FAILED ($criu_ver): $(tail -1 "$OUT/criu-check.log")"
+fi
+$PY -m dynsnap_core.cli doctor 2>&1 | tee "$OUT/doctor.log" || note "doctor: exited non-zero"
+$PY - <<'PYEOF' 2>&1 | tee -a "$OUT/doctor.log"
+import dynsnap_core.cuda as c
+print("gpu-check: cuda driver_info", c.driver_info())
+if c.is_available():
+    for d in c.devices():
+        print("gpu-check: device", d)
+PYEOF
+
+# ---- tests ----------------------------------------------------------------------------------------------
+rc_tests=0
+if [[ $want_tests == 1 ]]; then
+    $PY -m pytest -m gpu tests/gpu -v -x --timeout 600 -p no:cacheprovider -rs 2>&1 | tee "$OUT/gpu-tests.log"
+    rc_tests=${PIPESTATUS[0]}
+    note "tests: rc $rc_tests, $(grep -E '^=+ .*(passed|failed|skipped|error).* =+$' "$OUT/gpu-tests.log" | tail -1 | tr -d '=' | xargs)"
+fi
+
+# ---- benches --------------------------------------------------------------------------------------------
+rc_bench=0
+if [[ $want_bench == 1 ]]; then
+    $PY benches/bench_gpu.py --sizes "$SIZES" --json "$OUT/bench-gpu.json" 2>&1 | tee "$OUT/bench-gpu.log"
+    rc_bench=${PIPESTATUS[0]}
+    note "bench: rc $rc_bench, sizes $SIZES GB, $OUT/bench-gpu.json"
+fi
+
+# ---- short table last -----------------------------------------------------------------------------------
+{
+    echo
+    echo "== dynsnap gpu-check summary ($(date -u +%Y-%m-%dT%H:%M:%SZ)) =="
+    printf '%s\n' "${summary[@]}"
+    if [[ $want_bench == 1 && -s "$OUT/bench-gpu.log" ]]; then
+        sed -n '/^== table ==/,$p' "$OUT/bench-gpu.log"
+    fi
+} | tee "$OUT/summary.txt"
+[[ $rc_tests == 0 && $rc_bench == 0 ]]
