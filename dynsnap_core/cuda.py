@@ -283,12 +283,15 @@ def _raw_call(drv: Any, op: str, pid: int, *args: Any) -> Any:
         return fn(pid, *args)
     except DynsnapError:
         raise
-    except Exception as exc:  # noqa: BLE001 - symbol missing in libcuda, loader errors
+    except Exception as exc:  # noqa: BLE001 - symbol missing in libcuda, loader errors, binding mismatches
         text = str(exc)
         if "not found" in text and "cuCheckpoint" in text:
             raise CudaUnavailable(MSG_OLD_DRIVER.format(detail=f"libcuda.so.1 has no {_OP_NAMES[op]}"),
                                   stage=op, pid=pid) from None
-        raise CudaUnavailable(f"{MSG_NO_DRIVER}: {text}", stage=op, pid=pid) from None
+        if isinstance(exc, RuntimeError):   # cuda.pathfinder's DynamicLibNotFoundError and friends
+            raise CudaUnavailable(f"{MSG_NO_DRIVER}: {text}", stage=op, pid=pid) from None
+        raise CudaError(f"could not call {_OP_NAMES[op]} through cuda-python {_bindings_version()}: "
+                        f"{type(exc).__name__}: {text}", stage=op, pid=pid) from None
 
 
 def _query_state(drv: Any, pid: int) -> Optional[CudaState]:
@@ -481,6 +484,9 @@ def _complete_map(device_map: Mapping[str, str], present: List[str]) -> Dict[str
 
 
 def _restore_args(drv: Any, device_map: Mapping[str, str]) -> Any:
+    if not hasattr(drv, "CUcheckpointGpuPair"):
+        raise CudaUnavailable(f"cuda-python {_bindings_version()} cannot remap GPUs on restore (no "
+                              "CUcheckpointGpuPair): pip install -U 'dynsnap-core[gpu]'", stage="restore")
     try:
         present = [d["uuid"] for d in devices()]
     except CudaError:
