@@ -122,7 +122,8 @@ def cmd_list(a) -> int:
             age = r["age_s"]
             age_s = f"{age:.0f}s" if age < 120 else f"{age / 60:.0f}m" if age < 7200 else f"{age / 3600:.0f}h" \
                 if age < 172800 else f"{age / 86400:.0f}d"
-            print(f"{r['name']:<36} {_human(r['bytes']):>10} {age_s:>8}  {'ok':<8} {r['command'][:60]}")
+            short = " ".join(os.path.basename(x) if x.startswith("/") else x for x in r["command"].split())
+            print(f"{r['name']:<36} {_human(r['bytes']):>10} {age_s:>8}  {'ok':<8} {short[:70]}")
         else:
             print(f"{r['name']:<36} {'-':>10} {'-':>8}  {'invalid':<8} {r['error'][:80]}")
     return 0
