@@ -74,7 +74,7 @@ PYEOF
 # ---- tests ----------------------------------------------------------------------------------------------
 rc_tests=0
 if [[ $want_tests == 1 ]]; then
-    $PY -m pytest -m gpu tests/gpu -v -x --timeout 600 -p no:cacheprovider -rs 2>&1 | tee "$OUT/gpu-tests.log"
+    $PY -m pytest -m gpu tests/gpu -v --timeout 300 -p no:cacheprovider -rs 2>&1 | tee "$OUT/gpu-tests.log"
     rc_tests=${PIPESTATUS[0]}
     note "tests: rc $rc_tests, $(grep -E '^=+ .*(passed|failed|skipped|error).* =+$' "$OUT/gpu-tests.log" | tail -1 | tr -d '=' | xargs)"
 fi

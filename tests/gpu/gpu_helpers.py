@@ -165,12 +165,7 @@ def run_cuda_cli(*args: str, timeout: float = 600.0) -> subprocess.CompletedProc
 
 
 def json_out(r: subprocess.CompletedProcess) -> Any:
-    """The JSON object a --json command printed (the last line that parses), or a clear failure."""
-    for line in reversed(r.stdout.strip().splitlines() or [""]):
-        try:
-            return json.loads(line)
-        except ValueError:
-            continue
+    """The JSON object a --json command printed on stdout (the whole of stdout), or a clear failure."""
     try:
         return json.loads(r.stdout)
     except ValueError:
