@@ -93,9 +93,12 @@ def read(directory: Path) -> dict:
     return m
 
 
-def verify_files(directory: Path, manifest: dict, *, engine: str = "auto",
+def verify_files(directory: Path, manifest: dict, *, engine: str = "auto", direct: bool = True,
                  progress: Optional[Callable[[int, int], Any]] = None) -> int:
     """Check size and xxh3 of every listed file with the C engine; raise SnapshotCorrupt naming the first bad one.
+
+    ``direct=False`` reads through the page cache: restore uses it so that verifying also prefetches the
+    images CRIU reads next (one pass over the disk instead of two).
 
     Returns the number of bytes checked.
     """
@@ -115,7 +118,7 @@ def verify_files(directory: Path, manifest: dict, *, engine: str = "auto",
             raise SnapshotCorrupt(f"{path} has {st.st_size} bytes, the manifest says {f['size']} "
                                   "(truncated or altered)", stage="verify", path=str(path))
         try:
-            got = dio.hash_file(str(path), engine=engine)
+            got = dio.hash_file(str(path), engine=engine, direct=direct)
         except OSError as e:
             raise SnapshotCorrupt(f"{path} cannot be read: {e.strerror or e}", stage="verify",
                                   path=str(path), errno=e.errno) from None

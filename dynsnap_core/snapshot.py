@@ -107,10 +107,13 @@ class Snapshot:
     def timings(self) -> dict:
         return self.manifest.get("timings", {})
 
-    def verify(self, progress: Progress = None) -> int:
-        """Check every file's size and checksum; raise SnapshotCorrupt naming the first bad file."""
+    def verify(self, progress: Progress = None, *, prefetch: bool = False) -> int:
+        """Check every file's size and checksum; raise SnapshotCorrupt naming the first bad file.
+
+        With ``prefetch`` the reads go through the page cache, leaving the images there for a restore.
+        """
         cb = (lambda d, t: progress("verify", d, t)) if progress else None
-        return mf.verify_files(self.path, self.manifest, progress=cb)
+        return mf.verify_files(self.path, self.manifest, direct=not prefetch, progress=cb)
 
     def restore(self, **kw) -> "RestoredProcess":
         return restore(self.path, **kw)
@@ -448,7 +451,7 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
     _check_devices(m)
     if verify:
         t0 = time.perf_counter()
-        snap.verify(progress)
+        snap.verify(progress, prefetch=True)
         timings["verify"] = time.perf_counter() - t0
     pid = m["root_pid"]
     if proc.exists(pid):

@@ -14,11 +14,13 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 SIZES=${DYNSNAP_BENCH_SIZES:-1,4,16}
 
-want_tests=0 want_bench=0
+want_tests=0 want_bench=0 want_io=0 want_memfd=0
 if [[ $# -eq 0 ]]; then want_tests=1; want_bench=1; fi
 while [[ $# -gt 0 ]]; do
     case "$1" in
         setup) ;;
+        io) want_io=1 ;;
+        memfd) want_memfd=1 ;;
         tests|test) want_tests=1 ;;
         bench|benches)
             want_bench=1
@@ -85,6 +87,15 @@ if [[ $want_bench == 1 ]]; then
     $PY benches/bench_gpu.py --sizes "$SIZES" --json "$OUT/bench-gpu.json" 2>&1 | tee "$OUT/bench-gpu.log"
     rc_bench=${PIPESTATUS[0]}
     note "bench: rc $rc_bench, sizes $SIZES GB, $OUT/bench-gpu.json"
+fi
+
+if [[ $want_io == 1 ]]; then
+    $PY -m dynsnap_core.cli bench io --dir /var/tmp --size-mb "${DYNSNAP_IO_MB:-4096}" 2>&1 | tee "$OUT/bench-io.txt"
+    note "bench io: rc ${PIPESTATUS[0]}, $OUT/bench-io.txt"
+fi
+if [[ $want_memfd == 1 ]]; then
+    $PY -m dynsnap_core.cli bench memfd 2>&1 | tee "$OUT/bench-memfd.txt"
+    note "bench memfd: rc ${PIPESTATUS[0]}, $OUT/bench-memfd.txt"
 fi
 
 # ---- short table last -----------------------------------------------------------------------------------
