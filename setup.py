@@ -52,7 +52,16 @@ io_ext = Extension(
     extra_compile_args=["-O2", "-D_GNU_SOURCE", "-Wno-unused-function"],
     extra_link_args=LINK,
 )
-STRICT_SOURCES = {"dynsnap_core._lib._io": CSRC}
+memfd_ext = Extension(  # parallel memfd restoration (issue 4): same C sources and flags as _io
+    "dynsnap_core._lib._memfd",
+    sources=["bindings/_memfd.pyx"],
+    include_dirs=["csrc/include", "csrc"] + INC,
+    library_dirs=LIBDIRS,
+    libraries=["uring", "aio"],
+    extra_compile_args=["-O2", "-D_GNU_SOURCE", "-Wno-unused-function"],
+    extra_link_args=LINK,
+)
+STRICT_SOURCES = {"dynsnap_core._lib._io": CSRC, "dynsnap_core._lib._memfd": CSRC}
 
 probe_ext = Pybind11Extension(
     "dynsnap_core._lib._cudaprobe",
@@ -62,7 +71,7 @@ probe_ext = Pybind11Extension(
 )
 
 setup(
-    ext_modules=cythonize([io_ext], language_level=3,
+    ext_modules=cythonize([io_ext, memfd_ext], language_level=3,
                           compiler_directives={"boundscheck": False, "wraparound": False}) + [probe_ext],
     cmdclass={"build_ext": BuildExt},
 )

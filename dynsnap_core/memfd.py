@@ -1,0 +1,390 @@
+"""Parallel memfd restoration: fill memfds from image segments with a pool of C threads, dump them back, share them.
+
+A region is a memfd. ``restore(segments)`` creates one memfd per segment ``(file, offset, length)``
+and fills it with N threads that ``pread`` straight into a shared mapping (optionally
+``MADV_POPULATE_WRITE`` first, O_DIRECT for the aligned part, transparent or hugetlb huge pages),
+hashing each 8 MiB chunk while it is still in cache. The region digest (``digest()``) is XXH3-64
+over the chunks' XXH3-64s, so it is computed in parallel and checked before a memfd is handed out:
+a mismatch raises ``SnapshotCorrupt`` and no fd escapes. ``dump()`` is the reverse.
+
+A ``MemFd`` has its fd, size and digest, a zero-copy ``view()`` (memoryview; ``numpy()`` when numpy is
+installed), and travels to another process over a Unix socket with ``send()`` / ``MemFd.receive()``
+(SCM_RIGHTS). ``reserve`` / ``attach`` / ``detach`` map a memfd at a fixed address inside a PROT_NONE
+reservation, so pointers into it survive a detach -> checkpoint -> restore -> re-attach cycle.
+
+The GIL is released for every fill, dump, hash and copy. No io_uring is used (a process holding
+these memfds can be checkpointed).
+"""
+from __future__ import annotations
+
+import ctypes
+import errno as _errno
+import json
+import mmap
+import os
+import socket
+import struct
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional, Sequence
+
+from dynsnap_core.errors import DynsnapError, SnapshotCorrupt, oserror
+
+try:
+    from dynsnap_core._lib import _memfd
+except ImportError as exc:  # pragma: no cover - depends on how the package was installed
+    raise ImportError(
+        "dynsnap_core's compiled memfd engine (dynsnap_core._lib._memfd) is missing: install the package "
+        "(`pip install .`, or `pip install -e .` / `python setup.py build_ext --inplace` in a source tree)"
+    ) from exc
+
+__all__ = [
+    "HASH_CHUNK", "MemfdError", "Segment", "MemFd", "DumpResult", "restore", "dump", "create", "digest",
+    "copy", "reserve", "attach", "detach", "release", "view_at", "send_message", "recv_message",
+    "debug_counters", "default_threads",
+]
+
+#: The region digest is defined over chunks of this many bytes.
+HASH_CHUNK: int = _memfd.HASH_CHUNK
+_MAX_FDS = 64
+_HDR = struct.Struct("<I")
+_live = {"opened": 0, "closed": 0}
+
+
+class MemfdError(DynsnapError):
+    """Creating or mapping memfds failed (memfd_create unavailable, no hugetlb pages, ...)."""
+
+
+def default_threads() -> int:
+    """Threads used when none are given: online CPUs, at most 16."""
+    return max(1, min(16, os.cpu_count() or 1))
+
+
+def debug_counters() -> dict:
+    """C-side counters (memfds, maps, fds, threads created/freed) plus MemFd objects opened/closed here."""
+    return {**_memfd.debug_counters(), "memfd_objects_opened": _live["opened"],
+            "memfd_objects_closed": _live["closed"]}
+
+
+def _hex(v: int) -> str:
+    return f"{v:016x}"
+
+
+def _unhex(s: Optional[str]) -> Optional[int]:
+    return None if s is None else int(s, 16)
+
+
+def _translate(e: OSError, stage: str) -> BaseException:
+    """C failures -> SnapshotCorrupt for bad images, MemfdError for memfd/hugetlb, else the OSError."""
+    op = getattr(e, "op", "")
+    msg = e.strerror or str(e)
+    if op in ("segment", "verify") or (op == "read" and e.errno == _errno.EIO and "truncated" in msg):
+        return SnapshotCorrupt(msg, stage=stage, path=e.filename, errno=e.errno)
+    if op in ("memfd_create", "mmap", "ftruncate", "seal"):
+        return MemfdError(msg, stage=stage, path=e.filename, errno=e.errno)
+    out = OSError(e.errno, msg)
+    out.filename = e.filename
+    return out
+
+
+@dataclass
+class Segment:
+    """Bytes ``[offset, offset + length)`` of ``path`` (``length=None``: to the end of the file).
+
+    ``digest`` (16 hex chars, see ``digest()``) is checked after the fill when given; ``name`` names the
+    memfd (``/memfd:NAME`` in /proc/PID/maps).
+    """
+
+    path: str
+    offset: int = 0
+    length: Optional[int] = None
+    name: Optional[str] = None
+    digest: Optional[str] = None
+
+
+@dataclass
+class DumpResult:
+    """One region written by ``dump``: the file, its size and the region digest."""
+
+    path: str
+    size: int
+    digest: str
+
+
+class MemFd:
+    """An owned memfd holding one region: ``fd``, ``size`` (content bytes), ``digest`` (hex), ``sealed``.
+
+    Close it (or use it as a context manager) to drop this process's reference; the memory lives on
+    while another process holds the fd or a mapping.
+    """
+
+    def __init__(self, fd: int, size: int, *, name: str = "dynsnap", digest: Optional[str] = None,
+                 sealed: bool = False, hugetlb: bool = False, map_size: Optional[int] = None):
+        self.fd = fd
+        self.size = size
+        self.name = name
+        self.digest = digest
+        self.sealed = sealed
+        self.hugetlb = hugetlb
+        self.map_size = map_size if map_size is not None else size
+        self._maps: list[mmap.mmap] = []
+        _live["opened"] += 1
+
+    def __repr__(self) -> str:
+        return (f"MemFd(fd={self.fd}, name={self.name!r}, size={self.size}, digest={self.digest!r}, "
+                f"sealed={self.sealed})")
+
+    @property
+    def closed(self) -> bool:
+        return self.fd < 0
+
+    def view(self, writable: Optional[bool] = None) -> memoryview:
+        """A zero-copy memoryview of the content (read-only when sealed or ``writable=False``)."""
+        if self.closed:
+            raise ValueError("MemFd is closed")
+        if writable is None:
+            writable = not self.sealed
+        if self.size == 0:
+            return memoryview(b"")
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        m = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, prot)
+        self._maps.append(m)
+        return memoryview(m)
+
+    def numpy(self, dtype: Any = "uint8", writable: Optional[bool] = None) -> Any:
+        """A zero-copy numpy array over the content (needs numpy)."""
+        import numpy as np
+        return np.frombuffer(self.view(writable), dtype=dtype)
+
+    def compute_digest(self, threads: Optional[int] = None) -> str:
+        """Digest of the current content, with a thread pool."""
+        if self.size == 0:
+            return digest(b"")
+        m = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ)
+        try:
+            return _hex(_memfd.hash_buffer(m, threads or default_threads()))
+        finally:
+            m.close()
+
+    def seal(self) -> None:
+        """Forbid writes, shrinking and growing (F_SEAL_WRITE needs no writable mapping left)."""
+        import fcntl
+        for m in self._maps:
+            try:
+                m.close()
+            except BufferError:
+                pass
+        try:
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
+        except OSError as e:
+            raise MemfdError(f"cannot seal memfd {self.name!r}: {e.strerror} (is a writable mapping left?)",
+                             stage="seal", errno=e.errno) from None
+        self.sealed = True
+
+    def header(self) -> dict:
+        """What ``send`` transmits besides the fd."""
+        return {"name": self.name, "size": self.size, "digest": self.digest, "sealed": self.sealed,
+                "hugetlb": self.hugetlb, "map_size": self.map_size}
+
+    def send(self, sock: socket.socket, extra: Optional[dict] = None) -> None:
+        """Send the fd and its description over a Unix socket (SCM_RIGHTS)."""
+        send_message(sock, {**(extra or {}), "memfd": self.header()}, [self.fd])
+
+    @classmethod
+    def receive(cls, sock: socket.socket) -> tuple["MemFd", dict]:
+        """Receive a MemFd sent with ``send``; returns it and the whole message."""
+        msg, fds = recv_message(sock)
+        if not fds or "memfd" not in msg:
+            for fd in fds:
+                os.close(fd)
+            raise MemfdError(f"expected a memfd message, got {msg!r}", stage="receive")
+        for fd in fds[1:]:
+            os.close(fd)
+        return cls.from_message(msg["memfd"], fds[0]), msg
+
+    @classmethod
+    def from_message(cls, h: dict, fd: int) -> "MemFd":
+        return cls(fd, h["size"], name=h.get("name", "dynsnap"), digest=h.get("digest"),
+                   sealed=h.get("sealed", False), hugetlb=h.get("hugetlb", False), map_size=h.get("map_size"))
+
+    def close(self) -> None:
+        """Unmap this object's views (when no buffer still uses them) and close the fd."""
+        for m in self._maps:
+            try:
+                m.close()
+            except BufferError:   # a memoryview is still alive; the mapping goes with it
+                pass
+        self._maps.clear()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+            _live["closed"] += 1
+
+    def __enter__(self) -> "MemFd":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+def _flags(*, hugetlb: bool = False, thp: bool = False, populate: bool = False, seal: bool = False,
+           direct: bool = False, fsync: bool = False) -> int:
+    f = 0
+    for on, bit in ((hugetlb, _memfd.HUGETLB), (thp, _memfd.THP), (populate, _memfd.POPULATE),
+                    (seal, _memfd.SEAL), (direct, _memfd.DIRECT), (fsync, _memfd.FSYNC)):
+        if on:
+            f |= bit
+    return f
+
+
+def restore(segments: Iterable[Segment | tuple], threads: Optional[int] = None, *, hugetlb: bool = False,
+            thp: bool = False, populate: bool = True, seal: bool = False, direct: bool = False,
+            chunk_size: int = 0, block_size: int = 0) -> list[MemFd]:
+    """Create one memfd per segment and fill them all with ``threads`` threads (default: CPUs, <= 16).
+
+    Segments are ``Segment`` objects or ``(path, offset, length)`` tuples. Raises ``SnapshotCorrupt`` for
+    a segment beyond the end of its file, a file that shrinks while read, or a digest mismatch;
+    ``MemfdError`` when memfds or hugetlb pages are unavailable; ``OSError`` for I/O errors. On any
+    failure no memfd is returned (all are closed).
+    """
+    segs: list[Segment] = [s if isinstance(s, Segment) else Segment(*s) for s in segments]
+    raw = []
+    for s in segs:
+        path = os.fspath(s.path)
+        length = s.length
+        if length is None:
+            try:
+                length = os.stat(path).st_size - s.offset
+            except OSError as e:
+                raise oserror(e.errno or _errno.EIO, "stat", path) from None
+        if s.offset < 0 or length < 0:
+            raise SnapshotCorrupt(f"segment {path} [{s.offset}, +{length}) has a negative offset or length",
+                                  stage="memfd restore", path=path)
+        raw.append((path, s.offset, length, s.name or os.path.basename(path), _unhex(s.digest)))
+    flags = _flags(hugetlb=hugetlb, thp=thp, populate=populate, seal=seal, direct=direct)
+    try:
+        _n, res = _memfd.restore(raw, threads or default_threads(), flags, chunk_size, block_size)
+    except _memfd.MemfdCError as e:
+        raise _translate(e, "memfd restore") from None
+    return [MemFd(fd, size, name=r[3], digest=_hex(h), sealed=sealed, hugetlb=huge, map_size=ms)
+            for r, (fd, size, ms, h, huge, sealed) in zip(raw, res)]
+
+
+def dump(memfds: Sequence[MemFd], paths: Sequence[str | os.PathLike], threads: Optional[int] = None, *,
+         fsync: bool = True, direct: bool = False) -> list[DumpResult]:
+    """Write each MemFd's content to a new file (must not exist) in parallel; returns sizes and digests.
+
+    On failure every file this call created is removed.
+    """
+    ps = [os.fspath(p) for p in paths]
+    try:
+        _n, res = _memfd.dump([m.fd for m in memfds], [m.size for m in memfds], ps,
+                              threads or default_threads(), _flags(fsync=fsync, direct=direct))
+    except _memfd.MemfdCError as e:
+        raise _translate(e, "memfd dump") from None
+    return [DumpResult(p, size, _hex(h)) for p, (size, h) in zip(ps, res)]
+
+
+def create(size: int, name: str = "dynsnap", *, hugetlb: bool = False) -> MemFd:
+    """An empty, writable memfd of ``size`` bytes (zero-filled)."""
+    try:
+        fd, ms = _memfd.create(name, size, hugetlb)
+    except _memfd.MemfdCError as e:
+        raise _translate(e, "memfd create") from None
+    return MemFd(fd, size, name=name, hugetlb=hugetlb, map_size=ms)
+
+
+def digest(buffer: Any, threads: Optional[int] = None) -> str:
+    """Region digest (16 hex chars) of a buffer: XXH3-64, seeded with the length, over the XXH3-64 of
+    each 8 MiB chunk (little-endian). ``threads=1`` uses the single-threaded reference."""
+    if threads == 1:
+        return _hex(_memfd.digest(buffer))
+    return _hex(_memfd.hash_buffer(buffer, threads or default_threads()))
+
+
+def copy(dst: Any, src: Any, threads: Optional[int] = None) -> None:
+    """``dst[:len(src)] = src`` with a pool of threads (GIL released)."""
+    _memfd.copy(dst, src, threads or default_threads())
+
+
+# ---- fixed-address mappings ----
+
+def reserve(size: int) -> int:
+    """Reserve ``size`` bytes of address space (PROT_NONE, MAP_NORESERVE); returns the address."""
+    return _memfd.reserve(size)
+
+
+def attach(fd: int, address: int, size: int, *, writable: bool = False) -> None:
+    """Map ``fd`` MAP_SHARED|MAP_FIXED at ``address`` (inside a reservation of at least ``size`` bytes)."""
+    _memfd.attach(fd, address, size, writable)
+
+
+def detach(address: int, size: int) -> None:
+    """Replace the mapping at ``address`` with an empty PROT_NONE reservation (one mmap, no window)."""
+    _memfd.detach(address, size)
+
+
+def release(address: int, size: int) -> None:
+    """munmap the range entirely."""
+    _memfd.release(address, size)
+
+
+def view_at(address: int, size: int) -> memoryview:
+    """A memoryview over raw mapped memory at ``address`` (valid while it stays mapped)."""
+    return memoryview((ctypes.c_char * size).from_address(address)).cast("B")
+
+
+# ---- messages with fds over Unix sockets ----
+
+def send_message(sock: socket.socket, obj: dict, fds: Sequence[int] = ()) -> None:
+    """One JSON message (length-prefixed) with optional fds (SCM_RIGHTS) on a Unix socket of any type."""
+    body = json.dumps(obj, separators=(",", ":")).encode()
+    data = _HDR.pack(len(body)) + body
+    if fds:
+        sent = socket.send_fds(sock, [data], list(fds))
+    else:
+        sent = sock.send(data)
+    if sent < len(data):
+        sock.sendall(data[sent:])
+
+
+def recv_message(sock: socket.socket, max_bytes: int = 1 << 16) -> tuple[dict, list[int]]:
+    """Receive one ``send_message`` message; returns (obj, fds). Raises ConnectionError on EOF."""
+    if sock.type == socket.SOCK_STREAM:
+        head, fds, _fl, _a = socket.recv_fds(sock, _HDR.size, _MAX_FDS)
+        while head and len(head) < _HDR.size:
+            more = sock.recv(_HDR.size - len(head))
+            if not more:
+                break
+            head += more
+        if len(head) < _HDR.size:
+            for fd in fds:
+                os.close(fd)
+            raise ConnectionError("connection closed")
+        (n,) = _HDR.unpack(head)
+        body = b""
+        while len(body) < n:
+            more = sock.recv(n - len(body))
+            if not more:
+                for fd in fds:
+                    os.close(fd)
+                raise ConnectionError("connection closed mid-message")
+            body += more
+    else:
+        data, fds, _fl, _a = socket.recv_fds(sock, max_bytes + _HDR.size, _MAX_FDS)
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            raise ConnectionError("connection closed")
+        (n,) = _HDR.unpack(data[:_HDR.size])
+        body = data[_HDR.size:_HDR.size + n]
+    if len(body) > max_bytes:
+        for fd in fds:
+            os.close(fd)
+        raise ConnectionError(f"message of {len(body)} bytes is larger than {max_bytes}")
+    return json.loads(body), list(fds)
