@@ -145,7 +145,22 @@ def cmd_bench(a) -> int:
         else:
             print(bench_io.format_table(res))
         return 0
+    if a.what == "memfd":
+        from . import bench_memfd
+        res = bench_memfd.run(a.dir or None, size_mb=a.size_mb,
+                              threads=a.threads, cold=not a.no_cold,
+                              progress=None if a.json else (lambda s: print(s, file=sys.stderr, flush=True)))
+        if a.json:
+            _emit_json(res)
+        else:
+            print(bench_memfd.format_table(res))
+        return 0
     raise DynsnapError(f"unknown benchmark {a.what!r}", stage="bench")
+
+
+def cmd_memsvc(a) -> int:
+    from . import memsvc
+    return memsvc.main(a.socket, threads=a.threads, quiet=a.quiet)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,12 +210,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_demo)
 
-    s = sub.add_parser("bench", help="benchmarks: io")
-    s.add_argument("what", choices=["io"])
+    s = sub.add_parser("bench", help="benchmarks: io, memfd")
+    s.add_argument("what", choices=["io", "memfd"])
+    s.add_argument("--threads", help="memfd: comma-separated thread counts (default 1,2,4,8,16 up to the cores)")
+    s.add_argument("--no-cold", action="store_true", help="memfd: skip the cold-cache (drop_caches) runs")
     s.add_argument("--dir", help="directory on the file system to measure (default: current)")
     s.add_argument("--size-mb", type=int, default=1024)
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_bench)
+
+    s = sub.add_parser("memsvc", help="host memory service: own memfd regions and hand them to workers")
+    s.add_argument("--socket", required=True, help="Unix socket path to serve on")
+    s.add_argument("--threads", type=int, help="fill threads (default: CPUs, at most 16)")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=cmd_memsvc)
 
     s = sub.add_parser("cuda-checkpoint", add_help=False,
                        help="NVIDIA cuda-checkpoint compatible tool (--pid, --action, --toggle, ...)")

@@ -1,0 +1,685 @@
+"""Host memory service: a daemon that owns named memfd regions (weights) outside the worker, and its client.
+
+The service (``dynsnap memsvc --socket PATH``) keeps regions as sealed memfds, loads them from files
+(e.g. a content-addressed weight directory) with parallel memfd restoration, and hands them to
+clients over a SOCK_SEQPACKET Unix socket with SCM_RIGHTS. A region is handed out only once its
+fill is complete and its digest matched; while it loads, ``get`` answers ``busy`` or waits.
+A client that dies only drops its holds; the service keeps serving the others.
+
+Protocol: one JSON message per request and reply (``memfd.send_message``), fds attached to replies.
+Requests: ``ping``, ``load`` (regions: [{name, path, offset, length, digest}]), ``get`` (name, wait,
+timeout), ``create`` (name, size) + ``publish`` (name), ``release``, ``list``, ``drop`` (name, force),
+``save`` (names, store), ``shutdown``. Replies: ``{"ok": true, ...}`` or
+``{"ok": false, "error": CODE, "message": TEXT}`` with CODE in not_found, busy, failed, exists,
+held, bad_request, timeout, internal.
+
+The worker side is ``Attachment``: a region mapped read-only at an address it reserved. Before a
+checkpoint the worker calls ``quiesce`` (detach: the mapping becomes an empty PROT_NONE reservation,
+no memfd fd stays open, the connection to the service is closed), after restore ``resume``
+re-attaches at the same address, so pointers into the region stay valid.
+``checkpoint_with_regions`` / ``restore_with_regions`` store the regions once in a weight directory
+and run the service's memfd restore and CRIU's restore at the same time.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+from . import memfd
+from .errors import DynsnapError, SnapshotCorrupt
+
+__all__ = [
+    "MemsvcError", "MemoryService", "Client", "Attachment", "quiesce", "resume", "spawn",
+    "checkpoint_with_regions", "restore_with_regions", "read_regions", "REGIONS_FILE", "main",
+]
+
+REGIONS_FILE = "weights.json"
+REGIONS_MAGIC = "dynsnap-weights"
+REGIONS_FORMAT = 1
+
+
+class MemsvcError(DynsnapError):
+    """The memory service refused or failed a request; ``code`` says why (busy, not_found, failed, ...)."""
+
+    def __init__(self, message: str, *, code: str = "internal", **kw: Any):
+        super().__init__(message, **kw)
+        self.code = code
+
+
+class _Refuse(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class _Region:
+    name: str
+    state: str                       # loading | ready | failed | writable
+    size: int = 0
+    digest: Optional[str] = None
+    mfd: Optional[memfd.MemFd] = None
+    error: Optional[str] = None
+    source: Optional[dict] = None
+    owner: Optional[int] = None      # connection that created a writable region
+    holders: dict = field(default_factory=dict)   # connection id -> count
+    loaded_s: Optional[float] = None
+
+    def info(self) -> dict:
+        return {"name": self.name, "state": self.state, "size": self.size, "digest": self.digest,
+                "error": self.error, "holders": sum(self.holders.values()), "load_s": self.loaded_s,
+                "source": self.source}
+
+
+class MemoryService:
+    """The daemon: regions by name, one thread per connection, loads on their own threads."""
+
+    def __init__(self, socket_path: str | os.PathLike, *, threads: Optional[int] = None,
+                 log: Optional[Callable[[str], Any]] = None):
+        self.socket_path = str(socket_path)
+        self.threads = threads or memfd.default_threads()
+        self.log = log or (lambda s: None)
+        self.regions: dict[str, _Region] = {}
+        self.cond = threading.Condition()
+        self._sock: Optional[socket.socket] = None
+        self._stop = threading.Event()
+        self._ids = 0
+        self._conns: dict[int, socket.socket] = {}
+        self._load_delay = float(os.environ.get("DYNSNAP_MEMSVC_LOAD_DELAY", "0") or 0)  # test hook
+
+    # ---- lifecycle ----
+    def bind(self) -> None:
+        try:
+            os.unlink(self.socket_path)
+        except FileNotFoundError:
+            pass
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        s.bind(self.socket_path)
+        s.listen(64)
+        self._sock = s
+
+    def serve_forever(self) -> None:
+        """Accept clients until ``shutdown`` (a request or ``stop()``)."""
+        if self._sock is None:
+            self.bind()
+        assert self._sock is not None
+        self._sock.settimeout(0.2)
+        self.log(f"memsvc: serving on {self.socket_path} with {self.threads} fill threads")
+        try:
+            while not self._stop.is_set():
+                try:
+                    conn, _ = self._sock.accept()
+                except socket.timeout:
+                    continue
+                except OSError:
+                    if self._stop.is_set():
+                        break
+                    raise
+                conn.settimeout(None)
+                with self.cond:
+                    self._ids += 1
+                    cid = self._ids
+                    self._conns[cid] = conn
+                threading.Thread(target=self._serve_conn, args=(conn, cid), daemon=True,
+                                 name=f"memsvc-conn-{cid}").start()
+        finally:
+            self._close()
+
+    def start(self) -> threading.Thread:
+        """Serve on a background thread (in-process use and tests)."""
+        self.bind()
+        t = threading.Thread(target=self.serve_forever, daemon=True, name="memsvc")
+        t.start()
+        return t
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        try:
+            os.unlink(self.socket_path)
+        except FileNotFoundError:
+            pass
+        with self.cond:
+            for c in self._conns.values():
+                try:
+                    c.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            for r in self.regions.values():
+                if r.mfd is not None:
+                    r.mfd.close()
+            self.regions.clear()
+            self.cond.notify_all()
+
+    # ---- connections ----
+    def _serve_conn(self, conn: socket.socket, cid: int) -> None:
+        try:
+            while not self._stop.is_set():
+                try:
+                    req, fds = memfd.recv_message(conn)
+                except (ConnectionError, OSError, ValueError):
+                    break
+                for fd in fds:        # clients never send fds
+                    os.close(fd)
+                out_fds: list[int] = []
+                try:
+                    reply, out_fds = self._handle(req, cid)
+                except _Refuse as r:
+                    reply = {"ok": False, "error": r.code, "message": r.message}
+                except Exception as e:  # noqa: BLE001 - one bad request must not kill the service
+                    reply = {"ok": False, "error": "internal", "message": f"{type(e).__name__}: {e}"}
+                try:
+                    memfd.send_message(conn, reply, out_fds)
+                except OSError:
+                    break
+                if req.get("op") == "shutdown":
+                    self.stop()
+                    break
+        finally:
+            with self.cond:
+                self._conns.pop(cid, None)
+                for r in list(self.regions.values()):
+                    if r.holders.pop(cid, None):
+                        self.log(f"memsvc: connection {cid} went away holding {r.name!r}; released")
+                    if r.state == "writable" and r.owner == cid:
+                        self.log(f"memsvc: connection {cid} went away before publishing {r.name!r}; dropped")
+                        self._forget(r)
+                self.cond.notify_all()
+            conn.close()
+
+    def _forget(self, r: _Region) -> None:
+        if r.mfd is not None:
+            r.mfd.close()
+        self.regions.pop(r.name, None)
+
+    def _handle(self, req: dict, cid: int) -> tuple[dict, list[int]]:
+        op = req.get("op")
+        h = getattr(self, f"_op_{op}", None) if isinstance(op, str) else None
+        if h is None:
+            raise _Refuse("bad_request", f"unknown request {op!r}")
+        return h(req, cid)
+
+    @staticmethod
+    def _need(req: dict, key: str, kind: type) -> Any:
+        v = req.get(key)
+        if not isinstance(v, kind) or isinstance(v, bool) and kind is int:
+            raise _Refuse("bad_request", f"request {req.get('op')!r} needs {key!r} ({kind.__name__})")
+        return v
+
+    # ---- operations ----
+    def _op_ping(self, req: dict, cid: int) -> tuple[dict, list[int]]:
+        return {"ok": True, "pid": os.getpid(), "threads": self.threads}, []
+
+    def _op_list(self, req: dict, cid: int) -> tuple[dict, list[int]]:
+        with self.cond:
+            return {"ok": True, "regions": [r.info() for r in self.regions.values()]}, []
+
+    def _op_load(self, req: dict, cid: int) -> tuple[dict, list[int]]:
+        specs = req.get("regions")
+        if not isinstance(specs, list) or not specs:
+            raise _Refuse("bad_request", "load needs 'regions': [{name, path, offset, length, digest}]")
+        todo: list[_Region] = []
+        states = {}
+        with self.cond:
+            for s in specs:
+                name = self._need(s, "name", str)
+                path = self._need(s, "path", str)
+                digest = s.get("digest")
+                r = self.regions.get(name)
+                if r is not None and r.state in ("ready", "loading") and digest and r.digest == digest:
+                    states[name] = r.state             # same content already here or on its way
+                    continue
+                if r is not None and r.state != "failed":
+                    raise _Refuse("exists", f"region {name!r} already exists ({r.state}, digest {r.digest}); "
+                                  "drop it first")
+                src = {"path": path, "offset": int(s.get("offset") or 0), "length": s.get("length")}
+                r = _Region(name, "loading", size=s.get("length") or 0, digest=digest, source=src)
+                self.regions[name] = r
+                todo.append(r)
+                states[name] = "loading"
+        if todo:
+            threading.Thread(target=self._load, args=(todo,), daemon=True,
+                             name=f"memsvc-load-{todo[0].name}").start()
+        return {"ok": True, "states": states}, []
+
+    def _load(self, regions: list[_Region]) -> None:
+        t0 = time.perf_counter()
+        if self._load_delay:
+            time.sleep(self._load_delay)
+        segs = [memfd.Segment(r.source["path"], r.source["offset"], r.source["length"], name=r.name,
+                              digest=r.digest) for r in regions]
+        try:
+            got = memfd.restore(segs, self.threads, seal=True, populate=True)
+        except Exception as e:  # noqa: BLE001 - reported to every client that asks
+            msg = str(e) if isinstance(e, DynsnapError) else (getattr(e, "strerror", None) or str(e))
+            with self.cond:
+                for r in regions:
+                    r.state, r.error = "failed", f"loading region {r.name!r} failed: {msg}"
+                    self.log(f"memsvc: {r.error}")
+                self.cond.notify_all()
+            return
+        dt = time.perf_counter() - t0
+        with self.cond:
+            for r, m in zip(regions, got):
+                if self.regions.get(r.name) is not r:   # dropped meanwhile
+                    m.close()
+                    continue
+                r.mfd, r.size, r.digest, r.state, r.loaded_s = m, m.size, m.digest, "ready", dt
+                self.log(f"memsvc: loaded {r.name!r} ({m.size} bytes, digest {m.digest}) in {dt:.3f} s")
+            self.cond.notify_all()
+
+    def _op_get(self, req: dict, cid: int) -> tuple[dict, list[int]]:
+        name = self._need(req, "name", str)
+        wait = bool(req.get("wait", False))
+        timeout = float(req.get("timeout") or 300)
+        end = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                r = self.regions.get(name)
+                if r is None:
+                    raise _Refuse("not_found", f"no region named {name!r}")
+                if r.state == "ready":
+                    break
+                if r.state == "failed":
+                    raise _Refuse("failed", r.error or f"region {name!r} failed to load")
+                if r.state == "writable":
+                    raise _Refuse("busy", f"region {name!r} is being written by its creator and not published yet")
+                if not wait:
+                    raise _Refuse("busy", f"region {name!r} is being restored; ask again or wait for it")
+                left = end - time.monotonic()
+                if left <= 0 or self._stop.is_set():
+                    raise _Refuse("timeout", f"region {name!r} was still loading after {timeout:.0f} s")
+                self.cond.wait(min(left, 1.0))
+            r.holders[cid] = r.holders.get(cid, 0) + 1
+            assert r.mfd is not None
+            return {"ok": True, "memfd": r.mfd.header()}, [r.mfd.fd]
+
+    def _op_create(self, req: dict, cid: int) -> tuple[dict, list[int]]:
+        name = self._need(req, "name", str)
+        size = self._need(req, "size", int)
+        with self.cond:
+            if name in self.regions:
+                raise _Refuse("exists", f"region {name!r} already exists ({self.regions[name].state})")
+            m = memfd.create(size, name)
+            self.regions[name] = _Region(name, "writable", size=size, mfd=m, owner=cid,
+                                         source={"created_by": cid})
+            return {"ok": True, "memfd": m.header()}, [m.fd]
+
+    def _op_publish(self, req: dict, cid: int) -> tuple[dict, list[int]]:
+        name = self._need(req, "name", str)
+        with self.cond:
+            r = self.regions.get(name)
+            if r is None:
+                raise _Refuse("not_found", f"no region named {name!r}")
+            if r.state != "writable" or r.owner != cid:
+                raise _Refuse("bad_request", f"region {name!r} is {r.state}; only its creator publishes it once")
+            assert r.mfd is not None
+            try:
+                r.mfd.seal()
+            except memfd.MemfdError as e:
+                raise _Refuse("busy", f"cannot publish {name!r}: unmap the writable mapping first ({e})") from None
+            r.digest = r.mfd.digest = r.mfd.compute_digest(self.threads)
+            r.state, r.owner = "ready", None
+            self.cond.notify_all()
+            return {"ok": True, "digest": r.digest, "size": r.size}, []
+
+    def _op_release(self, req: dict, cid: int) -> tuple[dict, list[int]]:
+        name = self._need(req, "name", str)
+        with self.cond:
+            r = self.regions.get(name)
+            if r is not None and r.holders.get(cid):
+                r.holders[cid] -= 1
+                if not r.holders[cid]:
+                    del r.holders[cid]
+            return {"ok": True}, []
+
+    def _op_drop(self, req: dict, cid: int) -> tuple[dict, list[int]]:
+        name = self._need(req, "name", str)
+        with self.cond:
+            r = self.regions.get(name)
+            if r is None:
+                raise _Refuse("not_found", f"no region named {name!r}")
+            others = {c: n for c, n in r.holders.items() if c != cid}
+            if others and not req.get("force"):
+                raise _Refuse("held", f"region {name!r} is held by {len(others)} client(s); use force")
+            self._forget(r)
+            self.cond.notify_all()
+            return {"ok": True}, []
+
+    def _op_save(self, req: dict, cid: int) -> tuple[dict, list[int]]:
+        from .weightdir import WeightDir
+        names = req.get("names")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise _Refuse("bad_request", "save needs 'names': [str]")
+        store = WeightDir(req.get("store"))
+        picked = []
+        with self.cond:
+            for n in names:
+                r = self.regions.get(n)
+                if r is None or r.state != "ready" or r.mfd is None:
+                    raise _Refuse("not_found" if r is None else "busy",
+                                  f"region {n!r} is {'missing' if r is None else r.state}; only ready regions are saved")
+                picked.append((n, r.mfd))
+        out = {}
+        for n, m in picked:      # the memfd is sealed: safe to read without the lock
+            out[n] = store.put(m, self.threads).to_dict()
+        return {"ok": True, "store": str(store.root), "regions": out}, []
+
+    def _op_shutdown(self, req: dict, cid: int) -> tuple[dict, list[int]]:
+        return {"ok": True}, []
+
+
+# ---------------------------------------------------------------- client
+
+class Client:
+    """A connection to the memory service. It connects on first use; ``close()`` before a checkpoint."""
+
+    def __init__(self, socket_path: str | os.PathLike, *, timeout: float = 300.0):
+        self.socket_path = str(socket_path)
+        self.timeout = timeout
+        self._sock: Optional[socket.socket] = None
+
+    def _conn(self) -> socket.socket:
+        if self._sock is None:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            s.settimeout(self.timeout)
+            try:
+                s.connect(self.socket_path)
+            except OSError as e:
+                s.close()
+                raise MemsvcError(f"cannot reach the memory service at {self.socket_path}: {e.strerror or e}",
+                                  code="unreachable", stage="connect", path=self.socket_path,
+                                  errno=e.errno) from None
+            self._sock = s
+        return self._sock
+
+    def request(self, obj: dict) -> tuple[dict, list[int]]:
+        """Send one request, return (reply, fds); raises MemsvcError for a refusal."""
+        s = self._conn()
+        try:
+            memfd.send_message(s, obj)
+            reply, fds = memfd.recv_message(s)
+        except (OSError, ConnectionError) as e:
+            self.close()
+            raise MemsvcError(f"memory service at {self.socket_path} went away during {obj.get('op')}: {e}",
+                              code="unreachable", stage=str(obj.get("op")), path=self.socket_path) from None
+        if not reply.get("ok"):
+            for fd in fds:
+                os.close(fd)
+            raise MemsvcError(reply.get("message", "request failed"), code=reply.get("error", "internal"),
+                              stage=str(obj.get("op")))
+        return reply, fds
+
+    def ping(self) -> dict:
+        return self.request({"op": "ping"})[0]
+
+    def load(self, name: str, path: str | os.PathLike, offset: int = 0, length: Optional[int] = None,
+             digest: Optional[str] = None) -> str:
+        """Start loading one region from a file; returns its state (loading or ready)."""
+        return self.load_many([{"name": name, "path": str(path), "offset": offset, "length": length,
+                                "digest": digest}])[name]
+
+    def load_many(self, regions: Iterable[dict]) -> dict:
+        """Start loading regions ({name, path, offset, length, digest}) in one parallel fill."""
+        specs = []
+        for r in regions:
+            r = dict(r)
+            r["path"] = os.path.abspath(str(r["path"]))
+            if r.get("length") is None:
+                r["length"] = os.stat(r["path"]).st_size - int(r.get("offset") or 0)
+            specs.append(r)
+        return self.request({"op": "load", "regions": specs})[0]["states"]
+
+    def get(self, name: str, *, wait: bool = True, timeout: Optional[float] = None) -> memfd.MemFd:
+        """The region's sealed memfd once it is loaded and verified (``wait=False``: MemsvcError busy)."""
+        reply, fds = self.request({"op": "get", "name": name, "wait": wait, "timeout": timeout})
+        for fd in fds[1:]:
+            os.close(fd)
+        return memfd.MemFd.from_message(reply["memfd"], fds[0])
+
+    def create(self, name: str, size: int) -> memfd.MemFd:
+        """A new writable region; fill it, unmap it, then ``publish``."""
+        reply, fds = self.request({"op": "create", "name": name, "size": size})
+        return memfd.MemFd.from_message(reply["memfd"], fds[0])
+
+    def publish(self, name: str) -> str:
+        return self.request({"op": "publish", "name": name})[0]["digest"]
+
+    def release(self, name: str) -> None:
+        self.request({"op": "release", "name": name})
+
+    def list(self) -> list[dict]:
+        return self.request({"op": "list"})[0]["regions"]
+
+    def drop(self, name: str, *, force: bool = False) -> None:
+        self.request({"op": "drop", "name": name, "force": force})
+
+    def save(self, names: list[str], store: str | os.PathLike | None = None) -> dict:
+        """Store regions in a content-addressed weight directory (the service writes them); name -> entry."""
+        from .weightdir import default_store
+        return self.request({"op": "save", "names": names, "store": str(store or default_store())})[0]["regions"]
+
+    def shutdown(self) -> None:
+        try:
+            self.request({"op": "shutdown"})
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class Attachment:
+    """A service region mapped read-only at a fixed address of this process.
+
+    ``address`` stays reserved from ``attach`` to ``close``: between ``detach`` and ``reattach`` it is
+    an empty PROT_NONE reservation (nothing for CRIU to dump), and no fd of the memfd is kept.
+    """
+
+    def __init__(self, name: str, address: int, size: int, map_size: int, digest: Optional[str]):
+        self.name = name
+        self.address = address
+        self.size = size
+        self.map_size = map_size
+        self.digest = digest
+        self.attached = False
+
+    @classmethod
+    def attach(cls, client: Client, name: str, *, wait: bool = True,
+               timeout: Optional[float] = None) -> "Attachment":
+        """Reserve address space, map the region there, close the fd."""
+        with client.get(name, wait=wait, timeout=timeout) as m:
+            a = cls(name, memfd.reserve(max(m.map_size, 4096)), m.size, max(m.map_size, 4096), m.digest)
+            if m.size:
+                memfd.attach(m.fd, a.address, m.map_size, writable=False)
+        a.attached = True
+        return a
+
+    @classmethod
+    def create(cls, client: Client, name: str, size: int, fill: Callable[[memoryview], Any]) -> "Attachment":
+        """Create a region in the service, fill it in place at its final address, publish it, map it read-only."""
+        with client.create(name, size) as m:
+            a = cls(name, memfd.reserve(max(m.map_size, 4096)), m.size, max(m.map_size, 4096), None)
+            try:
+                if m.size:
+                    memfd.attach(m.fd, a.address, m.map_size, writable=True)
+                    v = memfd.view_at(a.address, m.size)
+                    try:
+                        fill(v)
+                    finally:
+                        v.release()
+                memfd.detach(a.address, a.map_size)      # no writable mapping may remain for the seal
+            except BaseException:
+                memfd.release(a.address, a.map_size)
+                raise
+        a.digest = client.publish(name)
+        a.reattach(client)
+        return a
+
+    def view(self) -> memoryview:
+        """Zero-copy memoryview of the region (only while attached)."""
+        if not self.attached:
+            raise MemsvcError(f"region {self.name!r} is detached", code="detached", stage="view")
+        return memfd.view_at(self.address, self.size)
+
+    def detach(self, client: Optional[Client] = None) -> None:
+        """Unmap the region, keep the address range reserved; tell the service (when connected)."""
+        if not self.attached:
+            return
+        memfd.detach(self.address, self.map_size)
+        self.attached = False
+        if client is not None:
+            try:
+                client.release(self.name)
+            except MemsvcError:
+                pass
+
+    def reattach(self, client: Client, *, wait: bool = True, timeout: Optional[float] = None) -> None:
+        """Map the region again at the same address; refuses different content (size or digest)."""
+        if self.attached:
+            return
+        with client.get(self.name, wait=wait, timeout=timeout) as m:
+            if m.size != self.size or (self.digest and m.digest != self.digest):
+                raise MemsvcError(f"region {self.name!r} changed: {m.size} bytes digest {m.digest}, this process "
+                                  f"had {self.size} bytes digest {self.digest}", code="changed", stage="reattach")
+            if m.size:
+                memfd.attach(m.fd, self.address, m.map_size, writable=False)
+        self.digest = self.digest or m.digest
+        self.attached = True
+
+    def close(self) -> None:
+        """Unmap and give the address range back."""
+        memfd.release(self.address, self.map_size)
+        self.attached = False
+
+
+def quiesce(attachments: Iterable[Attachment], client: Client) -> None:
+    """Before a checkpoint: detach every region (reservations stay) and close the service connection."""
+    for a in attachments:
+        a.detach(client)
+    client.close()
+
+
+def resume(attachments: Iterable[Attachment], client: Client, *, timeout: Optional[float] = None) -> None:
+    """After a restore: re-attach every region at its old address (waits while the service loads it)."""
+    for a in attachments:
+        a.reattach(client, wait=True, timeout=timeout)
+
+
+def spawn(socket_path: str | os.PathLike, *, threads: Optional[int] = None, log: Any = None,
+          env: Optional[dict] = None, timeout: float = 30.0) -> subprocess.Popen:
+    """Start ``dynsnap memsvc`` as a child process and wait until it answers."""
+    cmd = [sys.executable, "-m", "dynsnap_core.cli", "memsvc", "--socket", str(socket_path)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log or subprocess.DEVNULL,
+                         stderr=log or subprocess.DEVNULL, start_new_session=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), **(env or {})})
+    end = time.monotonic() + timeout
+    while True:
+        if p.poll() is not None:
+            raise MemsvcError(f"the memory service exited with status {p.returncode} at start",
+                              code="unreachable", stage="spawn")
+        try:
+            with Client(socket_path, timeout=5) as c:
+                c.ping()
+            return p
+        except MemsvcError:
+            if time.monotonic() > end:
+                p.kill()
+                p.wait()
+                raise
+            time.sleep(0.02)
+
+
+# ------------------------------------------------------- snapshot integration
+
+def read_regions(snapshot_dir: str | os.PathLike) -> Optional[dict]:
+    """The snapshot's weights.json (regions kept outside the image), or None."""
+    p = Path(snapshot_dir) / REGIONS_FILE
+    if not p.exists():
+        return None
+    try:
+        meta = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise SnapshotCorrupt(f"{p} is unreadable: {e}", stage="restore", path=str(p)) from None
+    if meta.get("magic") != REGIONS_MAGIC or meta.get("format") != REGIONS_FORMAT:
+        raise SnapshotCorrupt(f"{p} is not a dynsnap weights file (format {meta.get('format')})",
+                              stage="restore", path=str(p))
+    return meta
+
+
+def checkpoint_with_regions(pid: int, out: str | os.PathLike, *, service: str | os.PathLike,
+                            regions: list[str], store: str | os.PathLike | None = None,
+                            quiesce_worker: Optional[Callable[[], Any]] = None, **kw: Any):
+    """Store ``regions`` once in the weight directory (by content), let the worker detach, CRIU-checkpoint it,
+    and record the regions in ``out/weights.json``. Returns the Snapshot."""
+    from .snapshot import checkpoint
+    from .weightdir import WeightDir
+    wd = WeightDir(store)
+    t0 = time.perf_counter()
+    with Client(service) as c:
+        saved = c.save(regions, wd.root)
+    t_store = time.perf_counter() - t0
+    if quiesce_worker is not None:
+        quiesce_worker()
+    snap = checkpoint(pid, out, **kw)
+    meta = {"magic": REGIONS_MAGIC, "format": REGIONS_FORMAT, "store": str(wd.root.absolute()),
+            "regions": [{"name": n, "digest": saved[n]["digest"], "size": saved[n]["size"]} for n in regions],
+            "store_s": t_store, "written_bytes": sum(saved[n]["size"] for n in regions if saved[n]["written"])}
+    tmp = Path(snap.path) / f".{REGIONS_FILE}.tmp"
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, Path(snap.path) / REGIONS_FILE)
+    snap.manifest.setdefault("timings", {})["weights_store"] = t_store
+    return snap
+
+
+def restore_with_regions(path: str | os.PathLike, *, service: str | os.PathLike,
+                         store: str | os.PathLike | None = None, **kw: Any):
+    """Ask the service to load the snapshot's regions (parallel memfd restore, in the service) and run the
+    CRIU restore at the same time. The restored worker re-attaches (waiting until its regions are ready)."""
+    from .snapshot import restore
+    from .weightdir import WeightDir
+    meta = read_regions(path)
+    if meta:
+        wd = WeightDir(store or meta["store"])
+        with Client(service) as c:
+            c.load_many([{"name": r["name"], "path": str(wd.path(r["digest"], r["size"])), "offset": 0,
+                          "length": r["size"], "digest": r["digest"]} for r in meta["regions"]])
+    return restore(path, **kw)
+
+
+def main(socket_path: str, threads: Optional[int] = None, quiet: bool = False) -> int:
+    """``dynsnap memsvc``: serve until SIGTERM/SIGINT or a shutdown request."""
+    import signal
+
+    svc = MemoryService(socket_path, threads=threads,
+                        log=None if quiet else (lambda s: print(s, file=sys.stderr, flush=True)))
+
+    def stop(signum, frame):
+        svc.stop()
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    svc.serve_forever()
+    return 0
