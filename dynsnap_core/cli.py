@@ -131,7 +131,7 @@ def cmd_list(a) -> int:
 
 def cmd_demo(a) -> int:
     from . import demo
-    return demo.main(mb=a.mb, keep=a.keep, as_json=a.json)
+    return demo.main(mb=a.mb, keep=a.keep, as_json=a.json, memsvc=a.memsvc)
 
 
 def cmd_bench(a) -> int:
@@ -207,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="warm a sample worker, snapshot it, kill it, restore it, compare answers")
     s.add_argument("--mb", type=int, default=512, help="state the worker computes at warm-up (MiB)")
     s.add_argument("--keep", action="store_true", help="keep the snapshot and logs")
+    s.add_argument("--memsvc", action="store_true",
+                   help="also run with the state in the host memory service and compare image size and restore time")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_demo)
 

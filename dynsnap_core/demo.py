@@ -31,7 +31,9 @@ def _wait_ready(p: subprocess.Popen, ready: Path, sock: Path, timeout: float = 3
     raise DynsnapError("the demo worker did not become ready in time", stage="demo")
 
 
-def run(mb: int = 512, keep: bool = False, rep: Reporter | None = None) -> dict:
+def run(mb: int = 512, keep: bool = False, rep: Reporter | None = None, memsvc: bool = False) -> dict:
+    """One demo round; with ``memsvc`` the worker's state lives in a host memory service region: it is stored
+    once in a weight directory, left out of the CRIU image, and loaded by the service during the restore."""
     rep = rep or Reporter()
     proc.set_child_subreaper()
     base = default_home() / "demo"
@@ -43,6 +45,14 @@ def run(mb: int = 512, keep: bool = False, rep: Reporter | None = None) -> dict:
     log = open(work / "worker.log", "wb")
     restored_pid = None
     worker = None
+    svc = None
+    if memsvc:
+        from . import memsvc as ms
+        svc_sock = work / "memsvc.sock"
+        svc_log = open(work / "memsvc.log", "wb")     # not the worker's log: CRIU checks that file's size
+        svc = ms.spawn(svc_sock, log=svc_log)
+        svc_log.close()
+        cmd += ["--memsvc", str(svc_sock)]
     try:
         t0 = time.perf_counter()
         with rep.step(f"cold start: worker computes {mb} MiB of state"):
@@ -55,14 +65,26 @@ def run(mb: int = 512, keep: bool = False, rep: Reporter | None = None) -> dict:
         rep.say(f"worker pid {worker.pid} ready; answer to 'query 7': {before}")
 
         t0 = time.perf_counter()
-        snap = checkpoint(worker.pid, snapdir, progress=rep.update)
+        if svc is not None:
+            snap = ms.checkpoint_with_regions(worker.pid, snapdir, service=svc_sock, regions=["demo-state"],
+                                              store=work / "weights", progress=rep.update,
+                                              quiesce_worker=lambda: request(str(sock), "detach"))
+        else:
+            snap = checkpoint(worker.pid, snapdir, progress=rep.update)
         rep.finish()
         ckpt = time.perf_counter() - t0
         worker.wait(timeout=30)          # reap it: the restored worker needs its pid back
         rep.say(f"snapshot {_human(snap.total_bytes)} at {snapdir}; worker stopped and killed")
 
         t0 = time.perf_counter()
-        r = restore(snapdir, progress=rep.update)
+        if svc is not None:
+            with ms.Client(svc_sock) as c:      # as on a fresh node: the service must load the weights again
+                c.drop("demo-state", force=True)
+            t0 = time.perf_counter()
+            r = ms.restore_with_regions(snapdir, service=svc_sock, progress=rep.update)
+            request(str(sock), "attach")
+        else:
+            r = restore(snapdir, progress=rep.update)
         rep.finish()
         t_restore = time.perf_counter() - t0
         restored_pid = r.pid
@@ -79,7 +101,8 @@ def run(mb: int = 512, keep: bool = False, rep: Reporter | None = None) -> dict:
             "first_answer_after_restore_s": first_answer, "image_bytes": size,
             "checkpoint_mb_s": size / 1e6 / ckpt, "restore_mb_s": size / 1e6 / t_restore,
             "speedup_vs_cold": cold / first_answer, "snapshot": str(snapdir) if keep else None,
-            "checkpoint_timings": snap.timings, "restore_timings": r.timings,
+            "checkpoint_timings": snap.timings, "restore_timings": r.timings, "memsvc": memsvc,
+            "weights_bytes": (mb << 20) if memsvc else 0,
         }
     finally:
         if restored_pid and proc.exists(restored_pid):
@@ -87,6 +110,9 @@ def run(mb: int = 512, keep: bool = False, rep: Reporter | None = None) -> dict:
         if worker is not None and worker.poll() is None:
             worker.kill()
             worker.wait()
+        if svc is not None and svc.poll() is None:
+            svc.terminate()
+            svc.wait(timeout=10)
         time.sleep(0.05)
         proc.reap_children()
         log.close()
@@ -110,9 +136,33 @@ def format_table(res: dict) -> str:
     return "\n".join(f"{a:<{w}}  {b}" for a, b in rows)
 
 
-def main(mb: int = 512, keep: bool = False, as_json: bool = False) -> int:
+def format_comparison(plain: dict, svc: dict) -> str:
+    """Image size and restore time without and with the host memory service."""
+    rows = [("", "without memory service", "with memory service"),
+            ("image size", _human(plain["image_bytes"]), _human(svc["image_bytes"])),
+            ("weights outside the image", "-", _human(svc["weights_bytes"])),
+            ("checkpoint", f"{plain['checkpoint_s']:.2f} s", f"{svc['checkpoint_s']:.2f} s"),
+            ("restore (CRIU + memfd restore in parallel)", f"{plain['restore_s']:.2f} s", f"{svc['restore_s']:.2f} s"),
+            ("time to first answer after restore", f"{plain['first_answer_after_restore_s']:.2f} s",
+             f"{svc['first_answer_after_restore_s']:.2f} s"),
+            ("same answer after restore", "yes" if plain["ok"] else "NO", "yes" if svc["ok"] else "NO")]
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows)
+    return "\n".join(f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows)
+
+
+def main(mb: int = 512, keep: bool = False, as_json: bool = False, memsvc: bool = False) -> int:
     rep = Reporter(quiet=as_json)
     res = run(mb=mb, keep=keep, rep=rep)
+    if memsvc:
+        with_svc = run(mb=mb, keep=keep, rep=rep, memsvc=True)
+        if as_json:
+            print(json.dumps({**res, "with_memsvc": with_svc}, indent=2, sort_keys=True))
+        else:
+            print(format_table(res))
+            print()
+            print(format_comparison(res, with_svc))
+        return 0 if res["ok"] and with_svc["ok"] else 1
     if as_json:
         print(json.dumps(res, indent=2, sort_keys=True))
     else:

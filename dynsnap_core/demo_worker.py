@@ -39,7 +39,24 @@ def answer(layers: list[bytes], index: dict[int, int], k: int) -> str:
     return h.hexdigest()
 
 
-def serve(path: str, layers: list[bytes], index: dict[int, int], ready: str | None) -> None:
+def to_region(service: str, layers: list[bytes]) -> tuple[list, object, object]:
+    """Move the state into a memory-service region (mapped at a fixed address); layers become views into it."""
+    from . import memsvc
+    client = memsvc.Client(service)
+    size = sum(map(len, layers))
+
+    def fill(v: memoryview) -> None:
+        off = 0
+        for block in layers:
+            v[off:off + len(block)] = block
+            off += len(block)
+    att = memsvc.Attachment.create(client, "demo-state", size, fill)
+    whole = att.view()
+    views = [whole[i * CHUNK:(i + 1) * CHUNK] for i in range(len(layers))]
+    return views, client, att
+
+
+def serve(path: str, layers: list, index: dict[int, int], ready: str | None, svc: tuple | None = None) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -70,6 +87,10 @@ def serve(path: str, layers: list[bytes], index: dict[int, int], ready: str | No
                 reply = json.dumps({"served": served, "state_bytes": sum(map(len, layers)), "pid": os.getpid()})
             elif words[0] == "ping":
                 reply = "pong"
+            elif words[0] in ("detach", "attach") and svc is not None:
+                from . import memsvc        # quiesce / resume: the region leaves / re-enters the address space
+                (memsvc.quiesce if words[0] == "detach" else memsvc.resume)([svc[1]], svc[0])
+                reply = "ok"
             else:
                 reply = "error: unknown request"
             conn.sendall(reply.encode() + b"\n")
@@ -95,11 +116,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--socket", required=True)
     ap.add_argument("--mb", type=int, default=256)
     ap.add_argument("--ready")
+    ap.add_argument("--memsvc", help="memory service socket: keep the state in a service region")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
     layers, index = warm_up(a.mb)
     print(f"warmed up {a.mb} MiB in {time.perf_counter() - t0:.2f} s", file=sys.stderr, flush=True)
-    serve(a.socket, layers, index, a.ready)
+    svc = None
+    if a.memsvc:
+        layers, client, att = to_region(a.memsvc, layers)
+        svc = (client, att)
+    serve(a.socket, layers, index, a.ready, svc)
     return 0
 
 
