@@ -249,6 +249,8 @@ def checkpoint(pid: int, out: str | os.PathLike | None = None, *, leave_running:
 
     staging = parent / f".{out.name}{STAGING_TAG}{os.getpid()}"
     dump_dir: Optional[Path] = None
+    resumer: Optional[_Resumer] = None
+    t_freeze = time.perf_counter()
     cuda_tree = None
     frozen = False
     committed = False
@@ -295,6 +297,9 @@ def checkpoint(pid: int, out: str | os.PathLike | None = None, *, leave_running:
             timings["criu_dump"] = criu.run(args, log=dump_dir / "dump.log", stage="dump", pid=pid, env=fault)
             proc.wait_stopped(pids)
             _check_interrupt(sigstate, "dump")
+            if leave_running:
+                # The images are complete in staging: the worker goes back to work while they are persisted.
+                resumer = _Resumer(pids, cuda_tree, t_freeze)
 
             # persist: stream the images to the target file system with checksums (C engine).
             t0 = time.perf_counter()
@@ -318,13 +323,11 @@ def checkpoint(pid: int, out: str | os.PathLike | None = None, *, leave_running:
             os.rename(staging, out)
             committed = True
             mf.fsync_dir(parent)
-    except CriuError as e:
-        _keep_log(e)
-        if not committed:
-            _rollback(pids, frozen, cuda_tree)
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
-    except BaseException:
+    except BaseException as e:
+        if isinstance(e, CriuError):
+            _keep_log(e)
+        if resumer is not None:
+            resumer.wait(raise_errors=False)
         if not committed:
             _rollback(pids, frozen, cuda_tree)
             shutil.rmtree(staging, ignore_errors=True)
@@ -333,11 +336,9 @@ def checkpoint(pid: int, out: str | os.PathLike | None = None, *, leave_running:
         if dump_dir is not None and not str(dump_dir).startswith(str(staging)):
             shutil.rmtree(dump_dir, ignore_errors=True)
     # The snapshot is durable. Now finish the tree's fate.
-    if leave_running:
-        if cuda_tree is not None:
-            cuda_tree_resume(cuda_tree, pids)
-        else:
-            proc.kill_tree(pids, signal.SIGCONT)
+    if resumer is not None:
+        resumer.wait(raise_errors=True)
+        manifest["timings"].update(resumer.timings)
     else:
         proc.kill_tree(pids, signal.SIGKILL)
     return Snapshot(out, manifest)
@@ -358,12 +359,38 @@ def _keep_log(e: CriuError) -> None:
         pass
 
 
-def cuda_tree_resume(cuda_tree, pids: list[int]) -> None:
-    proc.kill_tree(pids, signal.SIGCONT)
-    t0 = time.perf_counter()
-    cuda_tree.restore_all()
-    cuda_tree.unlock_all()
-    cuda_tree.timings["resume"] = time.perf_counter() - t0
+class _Resumer:
+    """Puts a frozen source tree back to work (SIGCONT, then CUDA restore + unlock) in a background thread."""
+
+    def __init__(self, pids: list[int], cuda_tree, t_freeze: float):
+        import threading
+        self.timings: dict[str, float] = {}
+        self.error: Optional[BaseException] = None
+        self._pids, self._cuda, self._t_freeze = pids, cuda_tree, t_freeze
+        self._thread = threading.Thread(target=self._run, name="dynsnap-resume", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            proc.kill_tree(self._pids, signal.SIGCONT)
+            if self._cuda is not None:
+                self._cuda.restore_all()
+                self._cuda.unlock_all()
+                self.timings["resume_gpu_restore"] = self._cuda.timings.get("gpu_restore", 0.0)
+                self.timings["resume_unlock"] = self._cuda.timings.get("unlock", 0.0)
+        except BaseException as e:  # noqa: BLE001 - reported by wait()
+            self.error = e
+        end = time.perf_counter()
+        self.timings["resume"] = end - t0
+        self.timings["frozen"] = end - self._t_freeze
+
+    def wait(self, raise_errors: bool) -> None:
+        self._thread.join()
+        if self.error is not None and raise_errors:
+            if self._cuda is not None:
+                self._cuda.rollback()
+            raise self.error
 
 
 def _rollback(pids: list[int], frozen: bool, cuda_tree) -> None:
@@ -393,12 +420,24 @@ def _persist(dump_dir: Path, dump_where: str, staging: Path, engine: str, progre
             files = [{"path": f"criu/{f.path}", "size": f.size, "xxh3": f.xxh3} for f in res.files]
             used = res.engine
         else:
-            files, used = [], engine
-            for p in sorted(dump_dir.rglob("*")):
-                if p.is_file():
-                    r = dio.hash_file(str(p), engine=engine)
-                    _fsync_file(p)
-                    files.append({"path": str(p.relative_to(staging)), "size": r.size, "xxh3": r.xxh3})
+            # CRIU wrote straight into staging on the target file system (page cache, already being written
+            # back): hash from memory and fsync, several files at once.
+            import concurrent.futures as cf
+            paths = sorted((p for p in dump_dir.rglob("*") if p.is_file()), key=lambda p: -p.stat().st_size)
+            total = sum(p.stat().st_size for p in paths)
+            done = [0]
+
+            def one(p: Path) -> dict:
+                r = dio.hash_file(str(p), engine=engine, direct=False)
+                _fsync_file(p)
+                done[0] += r.size
+                return {"path": str(p.relative_to(staging)), "size": r.size, "xxh3": r.xxh3}
+            with cf.ThreadPoolExecutor(max_workers=4) as pool:
+                futs = [pool.submit(one, p) for p in paths]
+                for f in cf.as_completed(futs):
+                    cb(done[0], total)
+                files = [f.result() for f in futs]
+            used = dio.available_engines()[0] if engine == "auto" else engine
             mf.fsync_dir(dump_dir)
     except OSError as e:
         name = e.filename or str(staging)
@@ -436,12 +475,17 @@ def _check_devices(m: dict) -> None:
 
 
 def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optional[dict] = None,
-            progress: Progress = None, engine: str = "auto",
+            progress: Progress = None, engine: str = "auto", verify_threads: int = 4,
             log_dir: Optional[Path] = None) -> RestoredProcess:
     """Verify a snapshot and bring its process tree back (detached); return the restored root.
 
-    Steps: manifest + checksums -> device check -> CRIU restore -> (CUDA restore -> unlock).
+    Steps: manifest + sizes -> device check -> [checksums in parallel threads || CRIU restore with the
+    tree left stopped] -> (if every checksum matched) continue the tree -> CUDA restore -> unlock.
+    Verification reads through the page cache, so it also prefetches what CRIU reads; a tree restored
+    from a snapshot that then fails verification is killed before it ever runs.
     """
+    import concurrent.futures as cf
+
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     require_privilege("restore")
@@ -449,10 +493,7 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
     m = snap.manifest
     criu = find_criu()
     _check_devices(m)
-    if verify:
-        t0 = time.perf_counter()
-        snap.verify(progress, prefetch=True)
-        timings["verify"] = time.perf_counter() - t0
+    mf.check_sizes(snap.path, m)
     pid = m["root_pid"]
     if proc.exists(pid):
         raise DynsnapError(f"pid {pid} is in use by a running process ({proc.comm(pid)}); a snapshot restores "
@@ -463,31 +504,55 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
     work = Path(tempfile.mkdtemp(prefix=f"restore-{stamp}-", dir=log_dir))
     pidfile = work / "pid"
     args = ["restore", "-D", str(snap.path / "criu"), "-W", str(work), "-d", "--pidfile", str(pidfile),
-            "--file-locks"]
+            "--file-locks", "--leave-stopped"]
     if m.get("shell_job"):
         args.append("--shell-job")
+
+    pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dynsnap-verify")
+    vfut = None
+    if verify:
+        def _verify() -> float:
+            t0 = time.perf_counter()
+            mf.verify_files(snap.path, m, engine=engine, direct=False, threads=verify_threads)
+            return time.perf_counter() - t0
+        vfut = pool.submit(_verify)
     if progress:
-        progress("criu restore", 0, 1)
-    timings["criu_restore"] = criu.run(args, log=work / "restore.log", stage="restore", pid=pid)
+        progress("criu restore" + (" + verify" if verify else ""), 0, 1)
+    rpid: Optional[int] = None
     try:
-        rpid = int(pidfile.read_text().strip())
-    except (OSError, ValueError):
-        rpid = pid
-    gpu = m.get("cuda")
-    if gpu and gpu.get("pids"):
-        from . import cuda
-        tree = cuda.CudaTree(gpu["pids"])
-        if progress:
-            progress("gpu restore", 0, 1)
         try:
-            tree.restore_all(device_map=device_map)
-            tree.unlock_all()
-        except DynsnapError:
-            proc.kill_tree(list(reversed(proc.tree(rpid))))
+            timings["criu_restore"] = criu.run(args, log=work / "restore.log", stage="restore", pid=pid)
+        except CriuError:
+            if vfut is not None:
+                vfut.result()          # a damaged snapshot explains a CRIU failure better than CRIU does
             raise
-        timings.update(tree.timings)
+        try:
+            rpid = int(pidfile.read_text().strip())
+        except (OSError, ValueError):
+            rpid = pid
+        if vfut is not None:
+            timings["verify"] = vfut.result()
+        timings["criu_restore_and_verify"] = time.perf_counter() - t_start
+        tree_pids = proc.tree(rpid)
+        proc.kill_tree(tree_pids, signal.SIGCONT)
+        gpu = m.get("cuda")
+        if gpu and gpu.get("pids"):
+            from . import cuda
+            ctree = cuda.CudaTree(gpu["pids"])
+            if progress:
+                progress("gpu restore", 0, 1)
+            ctree.restore_all(device_map=device_map)
+            ctree.unlock_all()
+            timings.update(ctree.timings)
+    except BaseException:
+        if rpid is not None:
+            proc.kill_tree(list(reversed(proc.tree(rpid))))
+        raise
+    finally:
+        pool.shutdown(wait=True)
     timings["total"] = time.perf_counter() - t_start
-    shutil.rmtree(work, ignore_errors=True) if os.environ.get("DYNSNAP_KEEP_LOGS") is None else None
+    if os.environ.get("DYNSNAP_KEEP_LOGS") is None:
+        shutil.rmtree(work, ignore_errors=True)
     return RestoredProcess(rpid, snap, timings)
 
 

@@ -1,19 +1,11 @@
 """Shared fixtures: a subreaper test runner, self-checking workloads that are always killed and reaped, the CLI."""
 from __future__ import annotations
 
-import json
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).parent
-ROOT = HERE.parent
+from helpers import ROOT, Workload, cli  # noqa: F401  (re-exported for tests)
 
 
 def _criu_ok() -> str | None:
@@ -51,77 +43,6 @@ def home(tmp_path, monkeypatch):
     h = tmp_path / "home"
     monkeypatch.setenv("DYNSNAP_HOME", str(h))
     return h
-
-
-def cli(*args, env=None, timeout=300, user=None) -> subprocess.CompletedProcess:
-    """Run `dynsnap ARGS` as a real subprocess."""
-    cmd = [sys.executable, "-m", "dynsnap_core.cli", *map(str, args)]
-    if user is not None:
-        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", "--inh-caps=-all"] + cmd
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})}, cwd=ROOT)
-
-
-class Workload:
-    """A zdtm-style process under test; talks over its Unix socket."""
-
-    def __init__(self, tmp: Path, *flags: str):
-        self.sock = tmp / f"w{time.monotonic_ns()}.sock"
-        self.ready = tmp / f"w{time.monotonic_ns()}.ready"
-        self.log = open(tmp / "workload.log", "ab")
-        self.popen = subprocess.Popen(
-            [sys.executable, str(HERE / "workloads" / "zdtm.py"), "--sock", str(self.sock),
-             "--ready", str(self.ready), *flags],
-            stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log, start_new_session=True)
-        self.pid = self.popen.pid
-        end = time.monotonic() + 60
-        while not self.ready.exists():
-            if self.popen.poll() is not None or time.monotonic() > end:
-                raise RuntimeError(f"workload failed to start: {(tmp / 'workload.log').read_text()[-2000:]}")
-            time.sleep(0.01)
-
-    def request(self, what: str = "check", timeout: float = 30) -> dict:
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(timeout)
-            s.connect(str(self.sock))
-            s.sendall(what.encode())
-            buf = b""
-            while True:
-                part = s.recv(65536)
-                if not part:
-                    break
-                buf += part
-        return json.loads(buf)
-
-    def alive(self) -> bool:
-        from dynsnap_core.proc import exists
-        return exists(self.pid)
-
-    def state(self) -> str | None:
-        from dynsnap_core.proc import state
-        return state(self.pid)
-
-    def reap_original(self) -> None:
-        """The original child must be reaped so that a restore can take its pid back."""
-        try:
-            self.popen.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-
-    def kill(self) -> None:
-        for sig_target in (self.pid,):
-            try:
-                os.kill(sig_target, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
-            self.popen.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-        from dynsnap_core.proc import reap_children
-        time.sleep(0.05)
-        reap_children()
-        self.log.close()
 
 
 @pytest.fixture

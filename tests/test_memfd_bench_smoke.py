@@ -5,7 +5,7 @@ import json
 import os
 
 from dynsnap_core import bench_memfd
-from conftest import cli
+from helpers import cli
 
 
 def test_bench_memfd_runs_small(tmp_path):

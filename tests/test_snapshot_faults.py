@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, cli
+from helpers import ROOT, cli
 
 pytestmark = pytest.mark.criu
 

@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from conftest import cli
+from helpers import cli
 
 pytestmark = pytest.mark.criu
 
