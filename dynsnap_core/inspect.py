@@ -73,6 +73,10 @@ def format_text(info: dict) -> str:
         + ", ".join(f"{k}: {v}" for k, v in sorted(info["bytes_by_kind"].items())),
         "timings    " + ", ".join(f"{k} {v:.3f} s" for k, v in m.get("timings", {}).items()),
     ]
+    if m.get("weights"):
+        w = m["weights"]
+        lines.append(f"weights    {len(w['regions'])} region(s) outside the image, "
+                     f"{sum(r['size'] for r in w['regions'])} bytes in {w['store']}")
     if m.get("cuda"):
         c = m["cuda"]
         lines.append(f"gpu        pids {c.get('pids')}, driver {c.get('driver_version')}, devices "

@@ -38,10 +38,9 @@ from .errors import DynsnapError, SnapshotCorrupt
 
 __all__ = [
     "MemsvcError", "MemoryService", "Client", "Attachment", "quiesce", "resume", "spawn",
-    "checkpoint_with_regions", "restore_with_regions", "read_regions", "REGIONS_FILE", "main",
+    "checkpoint_with_regions", "restore_with_regions", "read_regions", "main",
 ]
 
-REGIONS_FILE = "weights.json"
 REGIONS_MAGIC = "dynsnap-weights"
 REGIONS_FORMAT = 1
 
@@ -616,25 +615,25 @@ def spawn(socket_path: str | os.PathLike, *, threads: Optional[int] = None, log:
 # ------------------------------------------------------- snapshot integration
 
 def read_regions(snapshot_dir: str | os.PathLike) -> Optional[dict]:
-    """The snapshot's weights.json (regions kept outside the image), or None."""
-    p = Path(snapshot_dir) / REGIONS_FILE
-    if not p.exists():
+    """The snapshot's regions kept outside the image (the manifest's ``weights`` entry), or None."""
+    from . import manifest as mf
+    m = mf.read(Path(snapshot_dir))
+    meta = m.get("weights")
+    if meta is None:
         return None
-    try:
-        meta = json.loads(p.read_text())
-    except (OSError, ValueError) as e:
-        raise SnapshotCorrupt(f"{p} is unreadable: {e}", stage="restore", path=str(p)) from None
-    if meta.get("magic") != REGIONS_MAGIC or meta.get("format") != REGIONS_FORMAT:
-        raise SnapshotCorrupt(f"{p} is not a dynsnap weights file (format {meta.get('format')})",
-                              stage="restore", path=str(p))
+    p = Path(snapshot_dir) / mf.MANIFEST_NAME
+    if not isinstance(meta, dict) or meta.get("magic") != REGIONS_MAGIC or meta.get("format") != REGIONS_FORMAT:
+        raise SnapshotCorrupt(f"{p} has a malformed 'weights' entry (not dynsnap weights format "
+                              f"{REGIONS_FORMAT})", stage="restore", path=str(p))
     return meta
 
 
-def checkpoint_with_regions(pid: int, out: str | os.PathLike, *, service: str | os.PathLike,
+def checkpoint_with_regions(pid: int, out: str | os.PathLike | None, *, service: str | os.PathLike,
                             regions: list[str], store: str | os.PathLike | None = None,
                             quiesce_worker: Optional[Callable[[], Any]] = None, **kw: Any):
     """Store ``regions`` once in the weight directory (by content), let the worker detach, CRIU-checkpoint it,
-    and record the regions in ``out/weights.json``. Returns the Snapshot."""
+    and record the regions in the snapshot's manifest (entry ``weights``, committed atomically with the rest).
+    Returns the Snapshot."""
     from .snapshot import checkpoint
     from .weightdir import WeightDir
     wd = WeightDir(store)
@@ -644,15 +643,10 @@ def checkpoint_with_regions(pid: int, out: str | os.PathLike, *, service: str | 
     t_store = time.perf_counter() - t0
     if quiesce_worker is not None:
         quiesce_worker()
-    snap = checkpoint(pid, out, **kw)
     meta = {"magic": REGIONS_MAGIC, "format": REGIONS_FORMAT, "store": str(wd.root.absolute()),
             "regions": [{"name": n, "digest": saved[n]["digest"], "size": saved[n]["size"]} for n in regions],
             "store_s": t_store, "written_bytes": sum(saved[n]["size"] for n in regions if saved[n]["written"])}
-    tmp = Path(snap.path) / f".{REGIONS_FILE}.tmp"
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, Path(snap.path) / REGIONS_FILE)
-    snap.manifest.setdefault("timings", {})["weights_store"] = t_store
-    return snap
+    return checkpoint(pid, out, extra_manifest={"weights": meta}, **kw)
 
 
 def restore_with_regions(path: str | os.PathLike, *, service: str | os.PathLike,

@@ -212,7 +212,7 @@ def _gpu_facts() -> dict:
 
 def checkpoint(pid: int, out: str | os.PathLike | None = None, *, leave_running: bool = False,
                cuda_lock_timeout_ms: int = 10000, progress: Progress = None, engine: str = "auto",
-               log: Callable[[str], Any] | None = None) -> Snapshot:
+               log: Callable[[str], Any] | None = None, extra_manifest: Optional[dict] = None) -> Snapshot:
     """Snapshot the process tree rooted at ``pid`` into ``out`` (default: a new directory under the home).
 
     Steps: preflight -> (CUDA lock + checkpoint) -> CRIU dump with the tree left stopped -> persist with
@@ -318,6 +318,10 @@ def checkpoint(pid: int, out: str | os.PathLike | None = None, *, leave_running:
                 "io_engine": engine_used, "dump_staging": dump_where, "cuda": gpu or None,
                 "timings": timings,
             }
+            for key, value in (extra_manifest or {}).items():
+                if key in manifest:
+                    raise ValueError(f"extra_manifest may not override {key!r}")
+                manifest[key] = value
             timings["total"] = time.perf_counter() - t_start
             mf.write(staging, manifest)
             os.rename(staging, out)
