@@ -42,8 +42,16 @@ def cmd_doctor(a) -> int:
 def cmd_checkpoint(a) -> int:
     from .snapshot import checkpoint
     rep = Reporter(quiet=a.json)
-    snap = checkpoint(a.pid, a.out, leave_running=a.leave_running, cuda_lock_timeout_ms=a.timeout_ms,
-                      progress=rep.update, log=rep.say)
+    kw = dict(leave_running=a.leave_running, cuda_lock_timeout_ms=a.timeout_ms, progress=rep.update, log=rep.say)
+    if a.memsvc:
+        from .memsvc import checkpoint_with_regions
+        if not a.regions:
+            raise DynsnapError("--memsvc needs --regions NAME[,NAME...]: the regions to keep outside the image",
+                               stage="preflight")
+        snap = checkpoint_with_regions(a.pid, a.out, service=a.memsvc, regions=a.regions.split(","),
+                                       store=a.weights_store, **kw)
+    else:
+        snap = checkpoint(a.pid, a.out, **kw)
     rep.finish()
     m = snap.manifest
     if a.json:
@@ -72,7 +80,12 @@ def _parse_device_map(text: Optional[str]) -> Optional[dict]:
 def cmd_restore(a) -> int:
     from .snapshot import restore
     rep = Reporter(quiet=a.json)
-    r = restore(a.dir, verify=not a.no_verify, device_map=_parse_device_map(a.device_map), progress=rep.update)
+    kw = dict(verify=not a.no_verify, device_map=_parse_device_map(a.device_map), progress=rep.update)
+    if a.memsvc:
+        from .memsvc import restore_with_regions
+        r = restore_with_regions(a.dir, service=a.memsvc, store=a.weights_store, **kw)
+    else:
+        r = restore(a.dir, **kw)
     rep.finish()
     if a.json:
         _emit_json({"pid": r.pid, "snapshot": str(r.snapshot.path), "timings": r.timings, **r.timings})
@@ -179,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="snapshot directory (must not exist; default: under $DYNSNAP_HOME/snapshots)")
     s.add_argument("--leave-running", action="store_true", help="keep the process running afterwards")
     s.add_argument("--timeout-ms", type=int, default=10000, help="CUDA lock timeout (default 10000)")
+    s.add_argument("--memsvc", metavar="SOCKET", help="host memory service holding regions kept outside the image")
+    s.add_argument("--regions", help="with --memsvc: comma-separated region names to store by content")
+    s.add_argument("--weights-store", help="with --memsvc: content-addressed weight directory")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_checkpoint)
 
@@ -186,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dir")
     s.add_argument("--no-verify", action="store_true", help="skip checksum verification")
     s.add_argument("--device-map", help="GPU remap OLD_UUID=NEW_UUID,...")
+    s.add_argument("--memsvc", metavar="SOCKET", help="memory service that loads the snapshot's regions meanwhile")
+    s.add_argument("--weights-store", help="weight directory (default: the one recorded in the snapshot)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_restore)
 
