@@ -70,8 +70,17 @@ probe_ext = Pybind11Extension(
     libraries=["dl"],
 )
 
+h2d_ext = Pybind11Extension(  # weights (issue 6): pinned multi-stream H2D pipeline, libcuda dlopen()ed
+    "dynsnap_core._lib._h2d",
+    sources=["bindings/_h2d.cpp"],
+    include_dirs=INC,
+    cxx_std=17,
+    extra_compile_args=["-O2", "-Wall", "-Wextra"],
+    libraries=["dl", "pthread"],
+)
+
 setup(
     ext_modules=cythonize([io_ext, memfd_ext], language_level=3,
-                          compiler_directives={"boundscheck": False, "wraparound": False}) + [probe_ext],
+                          compiler_directives={"boundscheck": False, "wraparound": False}) + [probe_ext, h2d_ext],
     cmdclass={"build_ext": BuildExt},
 )

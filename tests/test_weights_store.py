@@ -1,0 +1,199 @@
+"""Weight store on CPU: save, dedup across sets, verification faults, safetensors import, host loading bit-exact."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+np = pytest.importorskip("numpy")
+
+from dynsnap_core import weights as W  # noqa: E402
+
+
+def _sd(seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {
+        "embed": rng.standard_normal((257, 33)).astype(np.float32),
+        "norm": rng.standard_normal((33,)).astype(np.float16),
+        "bf16_raw": rng.integers(0, 1 << 16, (7, 129), dtype=np.uint16),
+        "ids": rng.integers(-5, 5, (1001,), dtype=np.int64),
+        "mask": rng.integers(0, 2, (3, 3)).astype(bool),
+        "empty": np.zeros((0, 4), np.float32),
+        "scalar": np.asarray(2.5, np.float64),
+        "big": rng.standard_normal((9 << 20) // 4 + 3).astype(np.float32),   # spans two 8 MiB digest chunks
+    }
+
+
+def _assert_equal(loaded: dict, sd: dict) -> None:
+    assert set(loaded) == set(sd)
+    for k, v in sd.items():
+        got = loaded[k]
+        assert got.dtype == v.dtype, k
+        assert got.shape == v.shape, k
+        assert got.tobytes() == v.tobytes(), k
+
+
+def test_save_load_host_bit_exact(tmp_path):
+    sd = _sd()
+    ws = W.save(sd, "m", store=tmp_path, shard_bytes=1 << 20)
+    assert len(ws.shards) >= 2
+    m = json.loads((tmp_path / "sets" / "m.json").read_text())
+    assert m["magic"] == W.MAGIC and m["format"] == W.FORMAT_VERSION
+    for t in m["tensors"]:
+        assert t["offset"] % 4096 == 0
+        assert {"name", "dtype", "shape", "shard", "offset", "nbytes", "checksum"} <= set(t)
+    for s in ws.shards:
+        assert s.size % 4096 == 0
+        assert os.path.getsize(ws.store.dir.path(s.digest, s.size)) == s.size
+    out = W.load("m", store=tmp_path, device="cpu")
+    assert out.path == "host" and out.nbytes == sum(v.nbytes for v in sd.values())
+    _assert_equal(out, sd)
+    out2 = W.load(str(tmp_path / "sets" / "m.json"), device="cpu", path="host")   # by manifest path
+    _assert_equal(out2, sd)
+    out3 = W.load(str(tmp_path), device="cpu")                                   # a store with one set
+    _assert_equal(out3, sd)
+
+
+def test_dedup_across_sets(tmp_path):
+    sd = _sd()
+    a = W.save(sd, "a", store=tmp_path, shard_bytes=1 << 20)
+    n_objects = len(list((tmp_path / "objects").iterdir()))
+    b = W.save(sd, "b", store=tmp_path, shard_bytes=1 << 20)
+    assert b.meta["stats"]["shards_written"] == 0
+    assert b.meta["stats"]["shards_deduplicated"] == len(b.shards)
+    assert len(list((tmp_path / "objects").iterdir())) == n_objects
+    # a set that changes one tensor shares the other shards
+    sd2 = dict(sd, norm=sd["norm"] + np.float16(1))
+    c = W.save(sd2, "c", store=tmp_path, shard_bytes=1 << 20)
+    assert c.meta["stats"]["shards_written"] == 1
+    assert [s.digest for s in a.shards] == [s.digest for s in b.shards]
+    assert sorted(x["name"] for x in W.list_sets(tmp_path)) == ["a", "b", "c"]
+    _assert_equal(W.load("c", store=tmp_path, device="cpu"), sd2)
+
+
+def _shard_of(ws, tensor: str) -> str:
+    t = next(t for t in ws.tensors if t.name == tensor)
+    return ws.shard_path(t.shard), t
+
+
+def test_verify_truncated_shard(tmp_path):
+    ws = W.save(_sd(), "m", store=tmp_path, shard_bytes=1 << 20)
+    W.verify("m", store=tmp_path)
+    path, t = _shard_of(ws, "big")
+    os.truncate(path, os.path.getsize(path) - 4096)
+    with pytest.raises(W.ShardCorrupt, match="truncated") as ei:
+        W.verify("m", store=tmp_path)
+    assert ei.value.shard == path and "big" in str(ei.value)
+    with pytest.raises(W.ShardCorrupt, match="truncated") as ei:
+        W.load("m", store=tmp_path, device="cpu")
+    assert "big" in str(ei.value)
+
+
+@pytest.mark.parametrize("tensor", ["embed", "big"])
+def test_verify_flipped_byte(tmp_path, tensor):
+    ws = W.save(_sd(), "m", store=tmp_path, shard_bytes=1 << 20)
+    path, t = _shard_of(ws, tensor)
+    with open(path, "r+b") as f:
+        f.seek(t.offset + t.nbytes // 2)
+        b = f.read(1)
+        f.seek(t.offset + t.nbytes // 2)
+        f.write(bytes([b[0] ^ 0x10]))
+    with pytest.raises(W.ShardCorrupt, match="checksum") as ei:
+        W.verify(store=tmp_path)
+    assert ei.value.tensor == tensor and tensor in str(ei.value) and path in str(ei.value)
+    with pytest.raises(W.ShardCorrupt, match="checksum|digest"):
+        W.load("m", store=tmp_path, device="cpu")
+    out = W.load("m", store=tmp_path, device="cpu", verify=False)   # explicitly unverified: loads the damage
+    assert out[tensor].tobytes() != _sd()[tensor].tobytes()
+
+
+def test_missing_shard_and_manifest_faults(tmp_path):
+    ws = W.save(_sd(), "m", store=tmp_path)
+    os.unlink(ws.shard_path(0))
+    with pytest.raises(W.ShardCorrupt, match="missing"):
+        W.verify("m", store=tmp_path)
+    with pytest.raises(W.WeightSetNotFound, match="no weight set 'nope'"):
+        W.load("nope", store=tmp_path, device="cpu")
+    (tmp_path / "sets" / "bad.json").write_text('{"magic": "x"}')
+    with pytest.raises(W.ShardCorrupt, match="malformed"):
+        W.open_set("bad", store=tmp_path)
+    m = json.loads((tmp_path / "sets" / "m.json").read_text())
+    m["tensors"][0]["shape"] = [1, 2, 3]
+    (tmp_path / "sets" / "m2.json").write_text(json.dumps(m))
+    with pytest.raises(W.ShardCorrupt, match="do not agree"):
+        W.open_set("m2", store=tmp_path)
+
+
+def test_bad_input(tmp_path):
+    with pytest.raises(W.WeightsError, match="bad weight set name"):
+        W.save({"a": np.zeros(3)}, "../x", store=tmp_path)
+    with pytest.raises(TypeError, match="cannot save"):
+        W.save({"a": object()}, "x", store=tmp_path)
+    W.save({"a": np.zeros(3)}, "x", store=tmp_path)
+    with pytest.raises(W.WeightsError, match="already exists"):
+        W.save({"a": np.zeros(3)}, "x", store=tmp_path, overwrite=False)
+    with pytest.raises(W.PathUnavailable):
+        W.load("x", store=tmp_path, device="cuda:0", path="host")
+    with pytest.raises(ValueError, match="unknown path"):
+        W.load("x", store=tmp_path, device="cpu", path="warp")
+
+
+def test_no_leftovers_after_save(tmp_path):
+    W.save(_sd(), "m", store=tmp_path, shard_bytes=1 << 20)
+    assert not [p for p in (tmp_path / "objects").iterdir() if p.name.startswith(".tmp")]
+    assert not [p for p in (tmp_path / "sets").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_safetensors_import_round_trip(tmp_path):
+    st = pytest.importorskip("safetensors.numpy")
+    sd = {k: v for k, v in _sd(3).items() if k not in ("scalar",)}
+    src = tmp_path / "model.safetensors"
+    st.save_file(sd, str(src))
+    ws = W.import_safetensors(src, store=tmp_path / "store", shard_bytes=1 << 20)
+    assert ws.name == "model" and ws.meta["source"].startswith("safetensors:")
+    W.verify("model", store=tmp_path / "store", deep=True)
+    out = W.load("model", store=tmp_path / "store", device="cpu")
+    _assert_equal(out, sd)
+    # the same file imported under another name stores nothing new
+    again = W.import_safetensors(src, "model-copy", store=tmp_path / "store", shard_bytes=1 << 20)
+    assert again.meta["stats"]["shards_written"] == 0
+
+
+def test_safetensors_bf16_import(tmp_path):
+    """BF16 from a hand-written safetensors file comes back bit-exact (as uint16 without ml_dtypes/torch)."""
+    import struct
+    rng = np.random.default_rng(5)
+    raw = rng.integers(0, 1 << 16, (5, 11), dtype=np.uint16)
+    header = json.dumps({"w": {"dtype": "BF16", "shape": [5, 11], "data_offsets": [0, raw.nbytes]},
+                         "__metadata__": {"format": "pt"}}).encode()
+    src = tmp_path / "bf.safetensors"
+    src.write_bytes(struct.pack("<Q", len(header)) + header + raw.tobytes())
+    ws = W.import_safetensors(src, store=tmp_path / "s")
+    assert ws.tensors[0].dtype == "BF16"
+    out = W.load("bf", store=tmp_path / "s", device="cpu")
+    assert bytes(memoryview(np.ascontiguousarray(out["w"])).cast("B")) == raw.tobytes()
+
+
+def test_safetensors_malformed(tmp_path):
+    p = tmp_path / "bad.safetensors"
+    p.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......")
+    with pytest.raises(W.ShardCorrupt, match="malformed safetensors header"):
+        W.import_safetensors(p, store=tmp_path / "s")
+    with pytest.raises(W.WeightsError, match="no such safetensors file"):
+        W.import_safetensors(tmp_path / "nope.safetensors", store=tmp_path / "s")
+
+
+def test_gpu_path_without_gpu_is_clear(tmp_path):
+    from dynsnap_core import weights_load as WL
+    ok, why = WL.gpu_available()
+    if ok:
+        pytest.skip("this machine has a GPU")
+    W.save({"a": np.zeros(3)}, "x", store=tmp_path)
+    with pytest.raises(W.GpuUnavailable, match="no GPU"):
+        W.load("x", store=tmp_path, device="cuda:0", path="pipeline")
+    with pytest.raises(W.PathUnavailable, match="kvikio not installed"):
+        W.load("x", store=tmp_path, device="cuda:0", path="kvikio") if WL._kvikio() is None else \
+            pytest.skip("kvikio installed")
+    paths = WL.available_paths("cuda:0")
+    assert paths["pipeline"] and (paths["kvikio"] == "kvikio not installed" or WL._kvikio() is not None)
