@@ -144,7 +144,7 @@ def cmd_list(a) -> int:
 
 def cmd_demo(a) -> int:
     from . import demo
-    return demo.main(mb=a.mb, keep=a.keep, as_json=a.json, memsvc=a.memsvc)
+    return demo.main(mb=a.mb, keep=a.keep, as_json=a.json, memsvc=a.memsvc, rounds=a.rounds)
 
 
 def cmd_bench(a) -> int:
@@ -224,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="warm a sample worker, snapshot it, kill it, restore it, compare answers")
     s.add_argument("--mb", type=int, default=512, help="state the worker computes at warm-up (MiB)")
+    s.add_argument("--rounds", type=int, default=4, help="warm-up passes over the state (default 4)")
     s.add_argument("--keep", action="store_true", help="keep the snapshot and logs")
     s.add_argument("--memsvc", action="store_true",
                    help="also run with the state in the host memory service and compare image size and restore time")

@@ -31,7 +31,8 @@ def _wait_ready(p: subprocess.Popen, ready: Path, sock: Path, timeout: float = 3
     raise DynsnapError("the demo worker did not become ready in time", stage="demo")
 
 
-def run(mb: int = 512, keep: bool = False, rep: Reporter | None = None, memsvc: bool = False) -> dict:
+def run(mb: int = 512, keep: bool = False, rep: Reporter | None = None, memsvc: bool = False,
+        rounds: int = 4) -> dict:
     """One demo round; with ``memsvc`` the worker's state lives in a host memory service region: it is stored
     once in a weight directory, left out of the CRIU image, and loaded by the service during the restore."""
     rep = rep or Reporter()
@@ -41,7 +42,7 @@ def run(mb: int = 512, keep: bool = False, rep: Reporter | None = None, memsvc: 
     work = Path(tempfile.mkdtemp(prefix="run-", dir=base))
     sock, ready, snapdir = work / "worker.sock", work / "ready", work / "snapshot"
     cmd = [sys.executable, "-m", "dynsnap_core.demo_worker", "--socket", str(sock), "--mb", str(mb),
-           "--ready", str(ready)]
+           "--rounds", str(rounds), "--ready", str(ready)]
     log = open(work / "worker.log", "wb")
     restored_pid = None
     worker = None
@@ -55,7 +56,7 @@ def run(mb: int = 512, keep: bool = False, rep: Reporter | None = None, memsvc: 
         cmd += ["--memsvc", str(svc_sock)]
     try:
         t0 = time.perf_counter()
-        with rep.step(f"cold start: worker computes {mb} MiB of state"):
+        with rep.step(f"cold start: worker computes {mb} MiB of state ({rounds} passes)"):
             worker = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                       start_new_session=True, cwd=work,
                                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
@@ -151,11 +152,11 @@ def format_comparison(plain: dict, svc: dict) -> str:
     return "\n".join(f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows)
 
 
-def main(mb: int = 512, keep: bool = False, as_json: bool = False, memsvc: bool = False) -> int:
+def main(mb: int = 512, keep: bool = False, as_json: bool = False, memsvc: bool = False, rounds: int = 4) -> int:
     rep = Reporter(quiet=as_json)
-    res = run(mb=mb, keep=keep, rep=rep)
+    res = run(mb=mb, keep=keep, rep=rep, rounds=rounds)
     if memsvc:
-        with_svc = run(mb=mb, keep=keep, rep=rep, memsvc=True)
+        with_svc = run(mb=mb, keep=keep, rep=rep, memsvc=True, rounds=rounds)
         if as_json:
             print(json.dumps({**res, "with_memsvc": with_svc}, indent=2, sort_keys=True))
         else:
