@@ -49,7 +49,7 @@ class _Defaults:
         self.threads = max(2, min(8, cpus))        # pipeline reader/copy threads (one stream each)
         self.nbuf = 3                              # pinned buffers per thread (>= 2)
         self.chunk = 8 * _MiB                      # pipeline chunk (multiple of 8 MiB)
-        self.host_chunk = 64 * _MiB                # memfd path: bytes registered per step
+        self.host_chunk = 16 * _MiB                # memfd path: bytes registered per step
         self.direct = "auto"                       # pipeline: "auto" | True | False
         self.kvikio_threads = max(4, min(32, cpus * 2))
         self.kvikio_task_size = 16 * _MiB
@@ -411,7 +411,7 @@ def _memfds(ws: WeightSet, memsvc: Any, verify: bool) -> tuple[list, Any, list]:
         try:
             return memfd.restore(segs, populate=True), None, []
         except SnapshotCorrupt as e:
-            raise ShardCorrupt(f"weight set {ws.name!r}: {e.message}", shard=e.path, path=e.path) from None
+            raise _corrupt(ws, e) from None
     from .memsvc import Client
     client = memsvc if isinstance(memsvc, Client) else Client(memsvc)
     names = [f"weights/{s.digest}-{s.size}" for s in ws.shards]
@@ -426,6 +426,14 @@ def _memfds(ws: WeightSet, memsvc: Any, verify: bool) -> tuple[list, Any, list]:
             m.close()
         raise
     return got, client, names
+
+
+def _corrupt(ws: WeightSet, e: SnapshotCorrupt) -> ShardCorrupt:
+    """A memfd fill's SnapshotCorrupt, naming the shard's tensors."""
+    idx = next((i for i in range(len(ws.shards)) if ws.shard_path(i) == e.path), None)
+    names = [t.name for t in ws.tensors_in(idx)] if idx is not None else []
+    return ShardCorrupt(f"weight set {ws.name!r}: {e.message} (tensors {_few(names)})", shard=e.path,
+                        tensor=names[0] if names else None, path=e.path)
 
 
 def _load_memfd(ws: WeightSet, ordinal: int, ptrs: dict, verify: bool, memsvc: Any) -> dict:
@@ -540,10 +548,7 @@ def _load_host(ws: WeightSet, verify: bool) -> tuple[dict, dict]:
     try:
         mfds = memfd.restore(segs, populate=True)
     except SnapshotCorrupt as e:
-        idx = next((i for i in range(len(ws.shards)) if ws.shard_path(i) == e.path), None)
-        names = [t.name for t in ws.tensors_in(idx)] if idx is not None else []
-        raise ShardCorrupt(f"weight set {ws.name!r}: {e.message} (tensors {_few(names)})", shard=e.path,
-                           tensor=names[0] if names else None, path=e.path) from None
+        raise _corrupt(ws, e) from None
     views = []
     for m in mfds:
         views.append(m.view(writable=True) if m.size else memoryview(bytearray(0)))
