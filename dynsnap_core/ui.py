@@ -19,8 +19,9 @@ def _human(n: float) -> str:
 
 
 class Reporter:
-    """Shows what dynsnap is doing. On a terminal: a live line with elapsed time and bytes; otherwise one
-    line per step that took longer than a second. ``quiet`` silences everything (used with --json)."""
+    """Shows what dynsnap is doing, on stderr. On a terminal: a rich progress line per step (spinner, bar,
+    bytes, elapsed); otherwise one plain line per step that took longer than a second. ``quiet`` silences
+    everything (used with --json). ``update`` is the library's progress callback: (phase, done, total)."""
 
     def __init__(self, quiet: bool = False, stream=None):
         self.stream = stream or sys.stderr
@@ -28,59 +29,53 @@ class Reporter:
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self._phase: Optional[str] = None
         self._t0 = 0.0
-        self._done = 0
         self._total = 0
         self._lock = threading.Lock()
-        self._stop: Optional[threading.Event] = None
-        self._thread: Optional[threading.Thread] = None
+        self._progress = None
+        self._task = None
 
-    def _render(self) -> None:
-        with self._lock:
-            if not self._phase:
-                return
-            el = time.perf_counter() - self._t0
-            msg = f"  {self._phase} ... {el:5.1f} s"
-            if self._total > 1:
-                pct = 100.0 * self._done / self._total
-                msg += f"  {_human(self._done)} / {_human(self._total)} ({pct:3.0f}%)"
-            self.stream.write("\r\x1b[K" + msg)
-            self.stream.flush()
-
-    def _ticker(self, stop: threading.Event) -> None:
-        while not stop.wait(0.2):
-            if time.perf_counter() - self._t0 > 1.0:
-                self._render()
+    def _rich(self):
+        if self._progress is None:
+            from rich.console import Console
+            from rich.progress import (BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn,
+                                       TimeElapsedColumn)
+            self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                                      DownloadColumn(binary_units=True), TimeElapsedColumn(),
+                                      console=Console(file=self.stream), transient=True)
+            self._progress.start()
+        return self._progress
 
     def start(self, phase: str) -> None:
-        self.finish()
-        self._phase, self._t0, self._done, self._total = phase, time.perf_counter(), 0, 0
-        if self.tty and not self.quiet:
-            self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._ticker, args=(self._stop,), daemon=True)
-            self._thread.start()
+        with self._lock:
+            self._finish_locked()
+            self._phase, self._t0, self._total = phase, time.perf_counter(), 0
+            if self.tty and not self.quiet:
+                self._task = self._rich().add_task(phase, total=None)
 
     def update(self, phase: str, done: int, total: int) -> None:
-        """Callback shape used by the library: (phase, done, total)."""
         if phase != self._phase:
             self.start(phase)
-        self._done, self._total = done, total
+        with self._lock:
+            self._total = total
+            if self._task is not None and self._progress is not None:
+                self._progress.update(self._task, completed=done, total=total if total > 1 else None)
 
-    def finish(self) -> None:
+    def _finish_locked(self) -> None:
         if self._phase is None:
             return
         el = time.perf_counter() - self._t0
-        if self._stop:
-            self._stop.set()
-            self._thread.join()  # type: ignore[union-attr]
-            self._stop = self._thread = None
-        if not self.quiet:
-            if self.tty:
-                self.stream.write("\r\x1b[K")
-            if el >= 1.0 or self.tty:
-                extra = f" ({_human(self._total)})" if self._total > 1 else ""
-                self.stream.write(f"  {self._phase}: {el:.2f} s{extra}\n")
+        if self._progress is not None:
+            self._progress.stop()          # transient: the live line disappears
+            self._progress = self._task = None
+        if not self.quiet and (el >= 1.0 or self.tty):
+            extra = f" ({_human(self._total)})" if self._total > 1 else ""
+            self.stream.write(f"  {self._phase}: {el:.2f} s{extra}\n")
             self.stream.flush()
         self._phase = None
+
+    def finish(self) -> None:
+        with self._lock:
+            self._finish_locked()
 
     @contextmanager
     def step(self, phase: str) -> Iterator[None]:
@@ -91,7 +86,8 @@ class Reporter:
             self.finish()
 
     def say(self, text: str) -> None:
-        if not self.quiet:
-            self.finish()
-            self.stream.write(text + "\n")
-            self.stream.flush()
+        if self.quiet:
+            return
+        self.finish()
+        self.stream.write(text + "\n")
+        self.stream.flush()
