@@ -218,3 +218,19 @@ def test_killed_checkpoint_leaves_none_or_complete(sig, workload, tmp_path, home
     cli("list", "--root", tmp_path)
     assert not [x for x in tmp_path.iterdir() if "staging" in x.name]
     assert outcomes  # every outcome was either 'none' or a verified 'complete'
+
+
+def test_gpu_snapshot_refused_without_driver(snapshot):
+    """A snapshot holding GPU state is refused before anything is touched on a machine without the driver."""
+    from dynsnap_core import cuda
+    if cuda.is_available():
+        pytest.skip("this machine has a CUDA driver with the checkpoint API")
+    w, out = snapshot
+    m = json.loads((out / "manifest.json").read_text())
+    m["cuda"] = {"pids": [w.pid], "driver_version": 13000,
+                 "devices": [{"index": 0, "name": "NVIDIA H200", "uuid": "GPU-10748f67-e706-3b40-0efb-3b26c9953d03"}]}
+    (out / "manifest.json").write_text(json.dumps(m))
+    r = cli("restore", out)
+    assert one_line(r, "restore") == ("this snapshot holds GPU state but this machine cannot restore it: "
+                                      + cuda.driver_info()["reason"])
+    assert not w.alive()
