@@ -168,7 +168,51 @@ def cmd_bench(a) -> int:
         else:
             print(bench_memfd.format_table(res))
         return 0
+    if a.what == "weights":
+        from . import bench_weights
+        sizes = [float(x) for x in (a.sizes or "1.2,16").split(",") if x.strip()]
+        res = bench_weights.run(sizes, dir=a.dir or "/var/tmp", cold=not a.no_cold,
+                                progress=None if a.json else (lambda s: print(s, file=sys.stderr, flush=True)))
+        if a.json:
+            _emit_json(res)
+        else:
+            print(bench_weights.format_table(res))
+        return 0
     raise DynsnapError(f"unknown benchmark {a.what!r}", stage="bench")
+
+
+def cmd_weights(a) -> int:
+    from . import weights
+    if a.action == "import":
+        ws = weights.import_safetensors(a.files, a.name, store=a.store)
+        info = {**ws.to_dict(), **ws.meta.get("stats", {})}
+        if a.json:
+            _emit_json(info)
+        else:
+            print(f"weight set {ws.name}: {len(ws.tensors)} tensors, {_human(ws.nbytes)} in {len(ws.shards)} shards "
+                  f"({info['shards_written']} written, {info['shards_deduplicated']} already stored) "
+                  f"in {info['seconds']:.2f} s; store {ws.store.root}")
+        return 0
+    if a.action == "verify":
+        rows = weights.verify(a.name, store=a.store, deep=a.deep)
+        if a.json:
+            _emit_json(rows)
+        else:
+            for r in rows:
+                print(f"{r['name']}: ok, {r['shards']} shards, {_human(r['bytes'])} verified in {r['seconds']:.2f} s")
+            if not rows:
+                print("no weight sets")
+        return 0
+    rows = weights.list_sets(a.store)
+    if a.json:
+        _emit_json(rows)
+    elif not rows:
+        print(f"no weight sets in {weights.Store(a.store).root}")
+    else:
+        print(f"{'NAME':<32} {'TENSORS':>8} {'SHARDS':>7} {'SIZE':>10}  CREATED")
+        for r in rows:
+            print(f"{r['name']:<32} {r['tensors']:>8} {r['shards']:>7} {_human(r['nbytes']):>10}  {r.get('created', '')}")
+    return 0
 
 
 def cmd_memsvc(a) -> int:
@@ -231,14 +275,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_demo)
 
-    s = sub.add_parser("bench", help="benchmarks: io, memfd")
-    s.add_argument("what", choices=["io", "memfd"])
+    s = sub.add_parser("bench", help="benchmarks: io, memfd, weights")
+    s.add_argument("what", choices=["io", "memfd", "weights"])
+    s.add_argument("--sizes", help="weights: comma-separated GB of bf16 weights (default 1.2,16)")
     s.add_argument("--threads", help="memfd: comma-separated thread counts (default 1,2,4,8,16 up to the cores)")
     s.add_argument("--no-cold", action="store_true", help="memfd: skip the cold-cache (drop_caches) runs")
     s.add_argument("--dir", help="directory on the file system to measure (default: current)")
     s.add_argument("--size-mb", type=int, default=1024)
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_bench)
+
+    s = sub.add_parser("weights", help="weight store: import safetensors, verify, list")
+    wsub = s.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
+    wsub.required = True
+    w = wsub.add_parser("import", help="import .safetensors file(s) as one weight set")
+    w.add_argument("files", nargs="+")
+    w.add_argument("--name", help="weight set name (default: the first file's stem)")
+    w.add_argument("--store", help="store directory (default: $DYNSNAP_WEIGHTS or <dynsnap home>/weights)")
+    w.add_argument("--json", action="store_true")
+    w = wsub.add_parser("verify", help="check every shard's size and checksum (all sets without NAME)")
+    w.add_argument("name", nargs="?")
+    w.add_argument("--store")
+    w.add_argument("--deep", action="store_true", help="also check each tensor's own checksum")
+    w.add_argument("--json", action="store_true")
+    w = wsub.add_parser("ls", help="list weight sets")
+    w.add_argument("--store")
+    w.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_weights)
 
     s = sub.add_parser("memsvc", help="host memory service: own memfd regions and hand them to workers")
     s.add_argument("--socket", required=True, help="Unix socket path to serve on")

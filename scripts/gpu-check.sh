@@ -2,7 +2,7 @@
 # gpu-check.sh: build dynsnap and run its GPU suite and GPU benches on a GPU machine without package access.
 #
 # Run from the repo root on the GPU machine, with .gpubundle/ (from scripts/gpu-bundle.sh) carried along:
-#   scripts/gpu-check.sh [setup] [tests] [bench [SIZES]]     (no argument: setup tests bench)
+#   scripts/gpu-check.sh [setup] [tests] [bench [SIZES]] [io] [memfd] [weights [SIZES]]   (no argument: setup tests bench)
 # SIZES is a comma list of GB (default 1,4,16, or $DYNSNAP_BENCH_SIZES). Results go to $OUT (default
 # /tmp/dynsnap-gpu-out): build.log, gpu-tests.log, bench-gpu.json, bench-gpu.log, summary.txt.
 # Uses the machine's python3 (torch, cuda-bindings preinstalled); setup always runs first (idempotent).
@@ -14,19 +14,23 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 SIZES=${DYNSNAP_BENCH_SIZES:-1,4,16}
 
-want_tests=0 want_bench=0 want_io=0 want_memfd=0
+want_tests=0 want_bench=0 want_io=0 want_memfd=0 want_weights=0
+WSIZES=${DYNSNAP_WEIGHTS_SIZES:-1.2,16}
 if [[ $# -eq 0 ]]; then want_tests=1; want_bench=1; fi
 while [[ $# -gt 0 ]]; do
     case "$1" in
         setup) ;;
         io) want_io=1 ;;
         memfd) want_memfd=1 ;;
+        weights)
+            want_weights=1
+            if [[ "${2:-}" =~ ^[0-9.,]+$ ]]; then WSIZES=$2; shift; fi ;;
         tests|test) want_tests=1 ;;
         bench|benches)
             want_bench=1
             if [[ "${2:-}" =~ ^[0-9.,]+$ ]]; then SIZES=$2; shift; fi ;;
         -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
-        *) echo "gpu-check: unknown argument $1 (setup | tests | bench [SIZES])" >&2; exit 2 ;;
+        *) echo "gpu-check: unknown argument $1 (setup | tests | bench [SIZES] | io | memfd | weights [SIZES])" >&2; exit 2 ;;
     esac
     shift
 done
@@ -98,6 +102,11 @@ if [[ $want_memfd == 1 ]]; then
     note "bench memfd: rc ${PIPESTATUS[0]}, $OUT/bench-memfd.txt"
 fi
 
+if [[ $want_weights == 1 ]]; then
+    $PY -m dynsnap_core.cli bench weights --sizes "$WSIZES" 2>&1 | tee "$OUT/bench-weights.txt"
+    note "bench weights: rc ${PIPESTATUS[0]}, sizes $WSIZES GB, $OUT/bench-weights.txt"
+fi
+
 # ---- short table last -----------------------------------------------------------------------------------
 {
     echo
@@ -105,6 +114,9 @@ fi
     printf '%s\n' "${summary[@]}"
     if [[ $want_bench == 1 && -s "$OUT/bench-gpu.log" ]]; then
         sed -n '/^== table ==/,$p' "$OUT/bench-gpu.log"
+    fi
+    if [[ $want_weights == 1 && -s "$OUT/bench-weights.txt" ]]; then
+        sed -n '/^limits:/,$p' "$OUT/bench-weights.txt"
     fi
 } | tee "$OUT/summary.txt"
 [[ $rc_tests == 0 && $rc_bench == 0 ]]

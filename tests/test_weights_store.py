@@ -197,3 +197,48 @@ def test_gpu_path_without_gpu_is_clear(tmp_path):
             pytest.skip("kvikio installed")
     paths = WL.available_paths("cuda:0")
     assert paths["pipeline"] and (paths["kvikio"] == "kvikio not installed" or WL._kvikio() is not None)
+
+
+def test_cli_import_verify_ls(tmp_path):
+    import subprocess
+    import sys
+    st = pytest.importorskip("safetensors.numpy")
+    src = tmp_path / "m.safetensors"
+    st.save_file({"w": np.arange(12, dtype=np.float32).reshape(3, 4)}, str(src))
+    store = tmp_path / "store"
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "dynsnap_core.cli", *map(str, args)], capture_output=True,
+                              text=True, timeout=120)
+    r = cli("weights", "import", src, "--store", store, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["name"] == "m"
+    r = cli("weights", "verify", "--store", store)
+    assert r.returncode == 0 and "m: ok" in r.stdout
+    r = cli("weights", "ls", "--store", store)
+    assert r.returncode == 0 and "m " in r.stdout
+    ws = W.open_set("m", store=store)
+    os.truncate(ws.shard_path(0), 100)
+    r = cli("weights", "verify", "m", "--store", store)
+    assert r.returncode == 1 and "truncated" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_bench_weights_without_gpu_says_one_line():
+    import subprocess
+    import sys
+    from dynsnap_core import weights_load as WL
+    if WL.gpu_available()[0]:
+        pytest.skip("this machine has a GPU")
+    r = subprocess.run([sys.executable, "-m", "dynsnap_core.cli", "bench", "weights"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 1
+    assert r.stderr.strip().count("\n") == 0 and "needs a GPU" in r.stderr
+
+
+def test_model_shapes_are_realistic():
+    from dynsnap_core.bench_weights import model_shapes
+    small = model_shapes(1.2)
+    big = model_shapes(16)
+    gb = lambda shapes: sum(2 * int(np.prod(s)) for _n, s in shapes) / 1e9  # noqa: E731
+    assert 250 <= len(small) <= 350 and 1.0 < gb(small) < 1.4
+    assert 14 < gb(big) < 18

@@ -1,0 +1,275 @@
+"""Weight loading benchmark on a GPU: dynsnap's paths vs safetensors, torch.load(mmap) and kvikio, with the limits.
+
+For each size (GB of bf16 weights; 1.2 ~ Qwen3-0.6B shapes, 16 ~ Qwen3-8B shapes, other sizes scale
+the layer count) one run generates random weights on the GPU, stores them in a weight store under
+``--dir`` (default /var/tmp), and measures with the page cache warm and cold (drop_caches, root):
+dynsnap ``pipeline`` and ``memfd`` (and ``kvikio`` tuned, when installed), safetensors
+``load_file(device="cuda")``, ``torch.load(mmap=True)`` then ``.cuda()``, kvikio with its defaults
+(when installed); plus the physical limits measured in the same run: pinned host->device copy and
+O_DIRECT disk read. Every loaded set is spot-checked bit-exact against the source tensors.
+Everything it writes is removed at the end. ``python3 -m dynsnap_core.cli bench weights --json``.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import os
+import platform
+import resource
+import shutil
+import time
+from typing import Any, Callable, Optional, Sequence
+
+from .errors import DynsnapError
+
+__all__ = ["run", "format_table", "model_shapes"]
+
+_GB = 1e9
+
+
+def model_shapes(size_gb: float) -> list[tuple[str, tuple[int, ...]]]:
+    """Tensor names and shapes of a Qwen3-like model whose bf16 weights take about ``size_gb`` GB."""
+    if size_gb <= 4:   # Qwen3-0.6B: hidden 1024, 28 layers, MLP 3072, 16 q / 8 kv heads of 128, tied embeddings
+        h, layers, mlp, q, kv, vocab, tied, ref = 1024, 28, 3072, 2048, 1024, 151936, True, 1.19
+    else:              # Qwen3-8B: hidden 4096, 36 layers, MLP 12288, 32 q / 8 kv heads of 128
+        h, layers, mlp, q, kv, vocab, tied, ref = 4096, 36, 12288, 4096, 1024, 151936, False, 16.4
+    layers = max(1, round(layers * size_gb / ref))
+    out = [("model.embed_tokens.weight", (vocab, h))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        out += [(p + "input_layernorm.weight", (h,)), (p + "self_attn.q_proj.weight", (q, h)),
+                (p + "self_attn.k_proj.weight", (kv, h)), (p + "self_attn.v_proj.weight", (kv, h)),
+                (p + "self_attn.o_proj.weight", (h, q)), (p + "self_attn.q_norm.weight", (128,)),
+                (p + "self_attn.k_norm.weight", (128,)), (p + "post_attention_layernorm.weight", (h,)),
+                (p + "mlp.gate_proj.weight", (mlp, h)), (p + "mlp.up_proj.weight", (mlp, h)),
+                (p + "mlp.down_proj.weight", (h, mlp))]
+    out.append(("model.norm.weight", (h,)))
+    if not tied:
+        out.append(("lm_head.weight", (vocab, h)))
+    return out
+
+
+def _cpu() -> float:
+    s = resource.getrusage(resource.RUSAGE_SELF)
+    return s.ru_utime + s.ru_stime
+
+
+def _drop_caches() -> bool:
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def _warm(paths: Sequence[str]) -> None:
+    buf = bytearray(16 << 20)
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+
+
+def _timed(fn: Callable[[], Any], torch: Any) -> tuple[float, float, Any]:
+    torch.cuda.synchronize()
+    c0, t0 = _cpu(), time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0, _cpu() - c0, out
+
+
+def _h2d_limit(torch: Any, nbytes: int = 1 << 30) -> float:
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    best = 0.0
+    for _ in range(4):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+        best = max(best, nbytes / (time.perf_counter() - t0) / _GB)
+    del src, dst
+    return best
+
+
+def _disk_limit(paths: Sequence[str], cap: int = 4 << 30) -> Optional[float]:
+    """O_DIRECT read bandwidth over (up to ``cap`` bytes of) the shards, page cache dropped first."""
+    from . import io as dio
+    if not _drop_caches():
+        return None
+    total, t0 = 0, time.perf_counter()
+    for p in sorted(paths, key=os.path.getsize, reverse=True):
+        total += dio.hash_file(p, direct=True).size
+        if total >= cap:
+            break
+    return total / (time.perf_counter() - t0) / _GB
+
+
+def _check(loaded: Any, src: dict, torch: Any, names: Sequence[str]) -> bool:
+    for n in names:
+        a, b = loaded[n], src[n]
+        if a.dtype != b.dtype or tuple(a.shape) != tuple(b.shape) or not torch.equal(a.to(b.device), b):
+            return False
+    return True
+
+
+def run(sizes: Sequence[float] = (1.2, 16), dir: str = "/var/tmp", cold: bool = True,
+        progress: Optional[Callable[[str], None]] = None) -> dict:
+    """Run the benchmark; returns a JSON-able dict with machine, limits and one row per measurement."""
+    from . import weights, weights_load
+    say = progress or (lambda s: None)
+    ok, why = weights_load.gpu_available()
+    if not ok:
+        raise DynsnapError(f"the weights benchmark needs a GPU: {why}", stage="bench")
+    try:
+        import torch
+    except ImportError:
+        raise DynsnapError("the weights benchmark needs torch (for the baselines)", stage="bench") from None
+    if not torch.cuda.is_available():
+        raise DynsnapError("the weights benchmark needs a GPU: torch sees no CUDA device", stage="bench")
+    try:
+        import safetensors.torch as st
+    except ImportError:
+        st = None
+    kvikio = weights_load._kvikio()
+    work = os.path.join(dir, f"dynsnap-bench-weights-{os.getpid()}")
+    os.makedirs(work)
+    res: dict = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                 "machine": {"host": platform.node(), "kernel": platform.release(), "cpus": os.cpu_count(),
+                             "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+                             "kvikio": getattr(kvikio, "__version__", None) if kvikio else "kvikio not installed",
+                             "dir": dir},
+                 "config": {"threads": weights_load.defaults.threads, "chunk": weights_load.defaults.chunk,
+                            "nbuf": weights_load.defaults.nbuf},
+                 "limits": {}, "rows": []}
+    dev = torch.device("cuda:0")
+    try:
+        say("limit: pinned host->device copy")
+        res["limits"]["h2d_pinned_gbps"] = _h2d_limit(torch)
+        for size in sizes:
+            shapes = model_shapes(float(size))
+            say(f"{size} GB: generating {len(shapes)} random bf16 tensors on the GPU")
+            g = torch.Generator(device=dev).manual_seed(1234)
+            gpu_src = {n: torch.randn(s, dtype=torch.bfloat16, device=dev, generator=g) for n, s in shapes}
+            host_src = {n: t.cpu() for n, t in gpu_src.items()}
+            nbytes = sum(t.numel() * 2 for t in host_src.values())
+            probe = [shapes[0][0], shapes[len(shapes) // 2][0], shapes[-1][0]]
+            store = os.path.join(work, "store")
+            say(f"{size} GB: saving {nbytes / _GB:.2f} GB to the weight store")
+            t0 = time.perf_counter()
+            ws = weights.save(host_src, f"bench-{size}", store=store)
+            save_s = time.perf_counter() - t0
+            shard_paths = [ws.shard_path(i) for i in range(len(ws.shards))]
+            if "disk_odirect_gbps" not in res["limits"] and cold:
+                say("limit: O_DIRECT disk read")
+                res["limits"]["disk_odirect_gbps"] = _disk_limit(shard_paths)
+
+            def row(method: str, cache: str, secs: float, cpu: float, good: Optional[bool], **extra: Any) -> None:
+                r = {"size_gb": size, "bytes": nbytes, "tensors": len(shapes), "method": method, "cache": cache,
+                     "seconds": secs, "cpu_seconds": cpu, "gbps": nbytes / secs / _GB, "bit_exact": good, **extra}
+                res["rows"].append(r)
+                say(f"{size} GB {cache:<4} {method:<28} {secs:7.2f} s {r['gbps']:6.2f} GB/s"
+                    + ("" if good is not False else "  MISMATCH"))
+
+            def measure(method: str, fn: Callable[[], Any], files: Sequence[str], **extra: Any) -> None:
+                for cache in (["cold"] if cold else []) + ["warm"]:
+                    if cache == "cold" and not _drop_caches():
+                        continue
+                    if cache == "warm":
+                        _warm(files)
+                    try:
+                        secs, cpu, out = _timed(fn, torch)
+                    except Exception as e:  # noqa: BLE001 - one failing method must not end the run
+                        res["rows"].append({"size_gb": size, "method": method, "cache": cache, "error": str(e)})
+                        say(f"{size} GB {cache} {method}: FAILED: {e}")
+                        continue
+                    info = dict(extra)
+                    if isinstance(out, weights_load.Loaded):
+                        info["details"] = out.details
+                    row(method, cache, secs, cpu, _check(out, gpu_src, torch, probe), **info)
+                    del out
+                    gc.collect()
+                    torch.cuda.empty_cache()
+
+            measure("dynsnap pipeline", lambda: weights.load(ws, device="cuda:0", path="pipeline"), shard_paths)
+            measure("dynsnap memfd (fill + copy)", lambda: weights.load(ws, device="cuda:0", path="memfd"), shard_paths)
+            if kvikio is not None:
+                measure("dynsnap kvikio (tuned)", lambda: weights.load(ws, device="cuda:0", path="kvikio",
+                                                                        verify=False), shard_paths, verified=False)
+
+                def kvikio_defaults() -> dict:
+                    out = {}
+                    for i in range(len(ws.shards)):
+                        f = kvikio.CuFile(ws.shard_path(i), "r")
+                        futs = []
+                        for t in ws.tensors_in(i):
+                            x = torch.empty(t.shape, dtype=torch.bfloat16, device=dev)
+                            out[t.name] = x
+                            futs.append(f.pread(x.view(torch.uint8) if x.dim() else x, t.nbytes, t.offset))
+                        for fu in futs:
+                            fu.get()
+                        f.close()
+                    return out
+                measure("kvikio defaults", kvikio_defaults, shard_paths)
+            if st is not None:
+                sf = os.path.join(work, "model.safetensors")
+                say(f"{size} GB: writing the safetensors baseline file")
+                st.save_file(host_src, sf)
+                measure("safetensors load_file(cuda)", lambda: st.load_file(sf, device="cuda:0"), [sf])
+                os.unlink(sf)
+            pt = os.path.join(work, "model.pt")
+            say(f"{size} GB: writing the torch.save baseline file")
+            torch.save(host_src, pt)
+            measure("torch.load(mmap) + .cuda()",
+                    lambda: {k: v.to(dev) for k, v in torch.load(pt, mmap=True, weights_only=True).items()}, [pt])
+            os.unlink(pt)
+            res.setdefault("save", []).append({"size_gb": size, "seconds": save_s, "gbps": nbytes / save_s / _GB,
+                                               "shards": len(ws.shards)})
+            del gpu_src, host_src
+            gc.collect()
+            torch.cuda.empty_cache()
+            shutil.rmtree(store, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    _ratios(res)
+    return res
+
+
+def _ratios(res: dict) -> None:
+    lim = res["limits"]
+    h2d, disk = lim.get("h2d_pinned_gbps"), lim.get("disk_odirect_gbps")
+    base = {(r["size_gb"], r["cache"]): r["gbps"] for r in res["rows"]
+            if r.get("method") == "safetensors load_file(cuda)" and "gbps" in r}
+    for r in res["rows"]:
+        if "gbps" not in r:
+            continue
+        b = base.get((r["size_gb"], r["cache"]))
+        r["x_safetensors"] = r["gbps"] / b if b else None
+        limit = min(x for x in (h2d, disk if r["cache"] == "cold" else None) if x) if h2d else None
+        r["limit_gbps"] = limit
+        r["pct_of_limit"] = 100 * r["gbps"] / limit if limit else None
+
+
+def format_table(res: dict) -> str:
+    lim = res["limits"]
+    lines = [f"machine: {res['machine']}", f"config: {res['config']}",
+             "limits: pinned H2D {:.1f} GB/s, disk O_DIRECT read {}".format(
+                 lim.get("h2d_pinned_gbps", 0), f"{lim['disk_odirect_gbps']:.2f} GB/s"
+                 if lim.get("disk_odirect_gbps") else "not measured (needs root for drop_caches)"),
+             "== table ==",
+             f"{'size':>6} {'cache':<5} {'method':<30} {'s':>7} {'GB/s':>7} {'x sft':>6} {'%limit':>7} {'cpu s':>6} ok"]
+    for r in res["rows"]:
+        if "error" in r:
+            lines.append(f"{r['size_gb']:>6} {r['cache']:<5} {r['method']:<30} FAILED: {r['error'][:80]}")
+            continue
+        x = f"{r['x_safetensors']:.2f}" if r.get("x_safetensors") else "-"
+        p = f"{r['pct_of_limit']:.0f}%" if r.get("pct_of_limit") else "-"
+        ok = {True: "yes", False: "NO", None: "-"}[r["bit_exact"]]
+        lines.append(f"{r['size_gb']:>6} {r['cache']:<5} {r['method']:<30} {r['seconds']:7.2f} {r['gbps']:7.2f} "
+                     f"{x:>6} {p:>7} {r['cpu_seconds']:6.1f} {ok}")
+    for s in res.get("save", []):
+        lines.append(f"save {s['size_gb']} GB into the store: {s['seconds']:.1f} s ({s['gbps']:.2f} GB/s, "
+                     f"{s['shards']} shards)")
+    return "\n".join(lines)
