@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import os
 import platform
 import shutil
@@ -324,7 +325,7 @@ def checkpoint(pid: int, out: str | os.PathLike | None = None, *, leave_running:
                 manifest[key] = value
             timings["total"] = time.perf_counter() - t_start
             mf.write(staging, manifest)
-            os.rename(staging, out)
+            _rename_noreplace(staging, out)
             committed = True
             mf.fsync_dir(parent)
     except BaseException as e:
@@ -346,6 +347,27 @@ def checkpoint(pid: int, out: str | os.PathLike | None = None, *, leave_running:
     else:
         proc.kill_tree(pids, signal.SIGKILL)
     return Snapshot(out, manifest)
+
+
+def _rename_noreplace(src: Path, dst: Path) -> None:
+    """rename(2) that never replaces: renameat2(RENAME_NOREPLACE), so a snapshot that appeared meanwhile wins."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    AT_FDCWD, RENAME_NOREPLACE = -100, 1
+    fn = getattr(libc, "renameat2", None)
+    if fn is None:                                   # very old libc: fall back to a checked rename
+        if dst.exists():
+            raise SnapshotExists(f"{dst} already exists; choose another --out or remove it", stage="commit",
+                                 path=str(dst))
+        os.rename(src, dst)
+        return
+    if fn(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), RENAME_NOREPLACE) != 0:
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            raise SnapshotExists(f"{dst} appeared while the snapshot was being written; it was left as it is",
+                                 stage="commit", path=str(dst))
+        raise StorageError(f"cannot commit the snapshot to {dst}: {os.strerror(err)}", stage="commit",
+                           path=str(dst), errno=err)
 
 
 def _keep_log(e: CriuError) -> None:

@@ -234,3 +234,19 @@ def test_gpu_snapshot_refused_without_driver(snapshot):
     assert one_line(r, "restore") == ("this snapshot holds GPU state but this machine cannot restore it: "
                                       + cuda.driver_info()["reason"])
     assert not w.alive()
+
+
+def test_commit_never_replaces(tmp_path):
+    """The final rename never replaces a directory that appeared meanwhile, even an empty one."""
+    from dynsnap_core import SnapshotExists
+    from dynsnap_core.snapshot import _rename_noreplace
+    src, dst = tmp_path / ".s.staging", tmp_path / "s"
+    src.mkdir()
+    (src / "manifest.json").write_text("{}")
+    dst.mkdir()
+    with pytest.raises(SnapshotExists, match="appeared while the snapshot was being written"):
+        _rename_noreplace(src, dst)
+    assert (src / "manifest.json").exists() and list(dst.iterdir()) == []
+    dst.rmdir()
+    _rename_noreplace(src, dst)
+    assert (dst / "manifest.json").exists() and not src.exists()
