@@ -445,6 +445,8 @@ class Device {
     {
         if (ring_.size() >= n && ring_chunk_ >= chunk)
             return;
+        n = std::max(n, ring_.size());  // grow to cover every path used so far: no thrash between paths
+        chunk = std::max(chunk, ring_chunk_);
         free_ring();
         ring_.reserve(n);
         for (size_t i = 0; i < n; i++) {
