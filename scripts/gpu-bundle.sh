@@ -3,6 +3,8 @@
 #
 #   scripts/gpu-bundle.sh            -> .gpubundle/criu.tar.gz   (CRIU 4.1 prefix, unpack into /opt/dynsnap/)
 #                                       .gpubundle/deps/{include,lib} (liburing, libaio, xxhash from Debian 12)
+#                                       .gpubundle/bin/fio           (static fio from Debian 12's source package:
+#                                                                     libaio, io_uring, psync; the device limit)
 # Runs on a Debian 12 machine with apt access. Idempotent; scripts/gpu-check.sh consumes the result.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,6 +45,32 @@ if [[ ! -e "$B/deps/.done" ]]; then
     printf '%s\n' "${PKGS[@]}" > "$B/deps/PACKAGES"
     dpkg-deb -f "$work"/liburing-dev*.deb Version | sed 's/^/liburing-dev /' >> "$B/deps/PACKAGES"
     touch "$B/deps/.done"
+fi
+
+# 3. fio (the device-limit reference of `dynsnap bench io`): Debian 12's source package, built static with only
+#    the engines we compare against (libaio, io_uring, psync/sync); a private apt source list, like criu-bundle.sh
+if [[ ! -x "$B/bin/fio" ]]; then
+    fwork=$(mktemp -d /tmp/dynsnap-fio.XXXXXX)
+    mkdir -p "$fwork/lists/partial" "$fwork/cache/archives/partial"
+    echo "deb-src ${DYNSNAP_DEBIAN_MIRROR:-http://deb.debian.org/debian} bookworm main" > "$fwork/sources.list"
+    fio_apt=(-o "Dir::Etc::SourceList=$fwork/sources.list" -o Dir::Etc::SourceParts=/dev/null
+             -o "Dir::State::Lists=$fwork/lists" -o "Dir::Cache=$fwork/cache" -o Dir::State::status=/dev/null
+             -o Debug::NoLocking=1 -o APT::Sandbox::User=root)
+    apt-get "${fio_apt[@]}" -qq update
+    (cd "$fwork" && apt-get "${fio_apt[@]}" -qq --download-only source fio)
+    tar -C "$fwork" -xzf "$fwork"/fio_*.orig.tar.gz
+    src=$(find "$fwork" -maxdepth 1 -type d -name 'fio-*' | head -1)
+    # --disable-native: the GPU machine's CPU is not this one; static: runs on any x86-64 Linux
+    (cd "$src" && ./configure --build-static --disable-native --disable-numa --disable-rdma --disable-rados \
+        --disable-rbd --disable-http --disable-gfapi --disable-pmem --disable-libnfs --disable-lex \
+        --disable-xnvme --disable-libzbc --disable-tcmalloc --disable-dfs >"$fwork/configure.log" \
+        && grep -q '^CONFIG_LIBAIO=y' config-host.mak && make -j"$(nproc)" fio >"$fwork/make.log" 2>&1) \
+        || { echo "gpu-bundle: fio build failed; logs in $fwork" >&2; exit 1; }
+    mkdir -p "$B/bin"
+    strip -o "$B/bin/fio" "$src/fio"
+    "$B/bin/fio" --version
+    "$B/bin/fio" --enghelp | grep -qw io_uring || { echo "gpu-bundle: fio lacks io_uring" >&2; exit 1; }
+    rm -rf "$fwork"
 fi
 
 echo "gpu-bundle: $(du -sh "$B" | cut -f1) in $B"

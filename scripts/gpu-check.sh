@@ -52,6 +52,8 @@ export DYNSNAP_CRIU=/opt/dynsnap/criu/bin/criu
 export DYNSNAP_DEPS_PREFIX=$BUNDLE/deps
 export LD_LIBRARY_PATH=$BUNDLE/deps/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
+# fio built by gpu-bundle.sh: the device-limit rows of `bench io`
+[[ -x "$BUNDLE/bin/fio" ]] && export DYNSNAP_FIO=$BUNDLE/bin/fio
 
 echo "gpu-check: host $(hostname), $(nproc) cores, kernel $(uname -r), $($PY --version 2>&1)"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | sed 's/^/gpu-check: GPU /'
@@ -94,6 +96,8 @@ if [[ $want_bench == 1 ]]; then
 fi
 
 if [[ $want_io == 1 ]]; then
+    # DYNSNAP_IO_SWEEP=1 (default here) adds the block size x queue depth table
+    DYNSNAP_IO_SWEEP=${DYNSNAP_IO_SWEEP:-1} \
     $PY -m dynsnap_core.cli bench io --dir /var/tmp --size-mb "${DYNSNAP_IO_MB:-4096}" 2>&1 | tee "$OUT/bench-io.txt"
     note "bench io: rc ${PIPESTATUS[0]}, $OUT/bench-io.txt"
 fi
