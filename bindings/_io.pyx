@@ -177,9 +177,9 @@ def read_into(path, buffer, size_t offset=0, *, str engine="auto", bint direct=T
 
 
 def write_buffers(path, buffers, *, str engine="auto", bint fsync=True, block_size=None,
-                  queue_depth=None):
-    """Create/truncate path and write the buffers in order; returns (backend, size, xxh3)."""
-    cdef _Engine eng = _Engine(engine, False, True, fsync, block_size, queue_depth)
+                  queue_depth=None, bint direct=True):
+    """Create/truncate path and write the buffers in order; returns (backend, size, xxh3, direct)."""
+    cdef _Engine eng = _Engine(engine, direct, True, fsync, block_size, queue_depth, 100, False)
     cdef list bufs = list(buffers)
     cdef size_t n = len(bufs), i, got = 0
     cdef Py_buffer *views = <Py_buffer *>calloc(n + 1, sizeof(Py_buffer))
@@ -200,7 +200,7 @@ def write_buffers(path, buffers, *, str engine="auto", bint fsync=True, block_si
             rc = ds_io_write_buffers(eng.e, p, n, iov, &res)
         if rc:
             raise eng.error(rc)
-        return eng.backend, res.size, res.xxh3
+        return eng.backend, res.size, res.xxh3, bool(res.direct)
     finally:
         for i in range(got):
             PyBuffer_Release(&views[i])

@@ -122,6 +122,10 @@ static int open_next(struct copy *c)
 		a->dfd = fd;
 		a->created = 1;
 		a->ddirect = c->direct && a->size >= DS_IO_ALIGN && __ds_set_direct(fd);
+		/* allocate up front: O_DIRECT writes inside the allocation are not extending ones */
+		if (a->ddirect && fallocate(fd, 0, 0, (off_t)ROUNDUP(a->size)) < 0 && errno == ENOSPC)
+			return __ds_fail(c->e, -ENOSPC, "write", c->dst[i], "cannot allocate %llu bytes",
+					 (unsigned long long)a->size);
 	}
 	if (c->checksum) {
 		a->h = __ds_hash_new(c->e);
@@ -387,6 +391,15 @@ static int run(struct copy *c)
 					 : on_read(c, c->cqes[k].tag, c->cqes[k].res);
 			if (ret)
 				return ret;
+			/* requeue freed blocks before hashing the next completion: the device never idles on us */
+			if (c->nfree) {
+				ret = fill(c);
+				if (!ret)
+					ret = __ds_backend_submit(&c->b);
+				if (ret)
+					return ret < 0 && !c->e->errmsg[0]
+						? __ds_fail(e, ret, "submit", NULL, "%s", ds_io_backend_name(c->b.kind)) : ret;
+			}
 		}
 		ret = report(c, 0);
 		if (ret)

@@ -190,11 +190,13 @@ def copy_file(src: str | os.PathLike, dst: str | os.PathLike, *, engine: str = "
     return FileResult(os.path.basename(dst), size, _hex(h) if checksum else "")
 
 
-def hash_file(path: str | os.PathLike, *, engine: str = "auto", direct: bool = True) -> FileResult:
+def hash_file(path: str | os.PathLike, *, engine: str = "auto", direct: bool = True,
+              block_size: Optional[int] = None, queue_depth: Optional[int] = None) -> FileResult:
     """Size and XXH3-64 of a file, read once (O_DIRECT where possible, so the page cache is not churned)."""
     _check_engine(engine)
     path = os.fspath(path)
-    _backend, size, h, _d = _io.hash_file(path, engine=engine, direct=direct)
+    _backend, size, h, _d = _io.hash_file(path, engine=engine, direct=direct, block_size=block_size,
+                                          queue_depth=queue_depth)
     return FileResult(path, size, _hex(h))
 
 
@@ -213,12 +215,17 @@ def read_into(path: str | os.PathLike, buffer: Any, offset: int = 0, *, engine: 
 
 
 def write_buffers(path: str | os.PathLike, buffers: Iterable[Any] | Sequence[Any], *,
-                  engine: str = "auto", fsync: bool = True) -> FileResult:
+                  engine: str = "auto", fsync: bool = True, direct: bool = True,
+                  block_size: Optional[int] = None, queue_depth: Optional[int] = None) -> FileResult:
     """Create (or truncate) ``path`` and write the buffers in order; returns size and XXH3 of the content.
 
+    With ``direct`` (and a file system that takes O_DIRECT) the data bypasses the page cache: pieces
+    that are page-aligned in memory and in the file are written from the caller's memory, the rest is
+    gathered into aligned staging blocks; the file is truncated to its exact size at the end.
     With ``fsync`` the file and its directory are synced before returning; on failure the file is removed.
     """
     _check_engine(engine)
     path = os.fspath(path)
-    _backend, size, h = _io.write_buffers(path, buffers, engine=engine, fsync=fsync)
+    _backend, size, h, _d = _io.write_buffers(path, buffers, engine=engine, fsync=fsync, direct=direct,
+                                              block_size=block_size, queue_depth=queue_depth)
     return FileResult(path, size, _hex(h))

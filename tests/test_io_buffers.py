@@ -89,3 +89,57 @@ def test_buffers_property(tmp_path, chunks, offset, eng):
     buf = bytearray(offset + len(data))
     assert io.read_into(tmp_path / "p", buf, offset, engine=eng) == len(data)
     assert bytes(buf[offset:]) == data
+
+
+def _aligned(n: int, fill: bytes) -> memoryview:
+    """A page-aligned writable buffer of n bytes (an anonymous mapping) holding fill[:n]."""
+    m = mmap.mmap(-1, max(n, 1))
+    m[:n] = fill[:n]
+    return memoryview(m)[:n]
+
+
+@pytest.mark.parametrize("layout", ["unaligned", "aligned", "mixed", "aligned-after-odd"])
+@pytest.mark.parametrize("block_size,queue_depth", [(None, None), (65536, 2), (4096, 1)])
+def test_write_direct_layouts(engine, tmp_path, layout, block_size, queue_depth):
+    """The O_DIRECT write path: zero-copy aligned pieces, staged unaligned ones, odd tails; hash-compared."""
+    data = os.urandom(3 * (1 << 20) + 12345)
+    if layout == "unaligned":
+        parts = [memoryview(bytearray(b"\0" + data))[1:]]
+    elif layout == "aligned":
+        parts = [_aligned(len(data), data)]
+    elif layout == "mixed":
+        cut = [0, 4096, 4096 + 17, 1 << 20, (1 << 20) + 8192, 2 * (1 << 20) + 1, len(data)]
+        # odd pieces page-aligned in memory, even ones plain bytes
+        parts = [_aligned(cut[i + 1] - cut[i], data[cut[i]:cut[i + 1]]) if i % 2 else data[cut[i]:cut[i + 1]]
+                 for i in range(len(cut) - 1)]
+    else:  # aligned memory that lands at an unaligned file offset
+        parts = [data[:100], _aligned(len(data) - 100, data[100:])]
+    backend, size, h, direct = _io.write_buffers(str(tmp_path / "d"), parts, engine=engine,
+                                                 block_size=block_size, queue_depth=queue_depth)
+    assert backend == engine and size == len(data) and h == xxhash.xxh3_64_intdigest(data)
+    assert (tmp_path / "d").stat().st_size == len(data)
+    assert xxhash.xxh3_64_hexdigest((tmp_path / "d").read_bytes()) == xxhash.xxh3_64_hexdigest(data)
+    if _fs(tmp_path) in ("ext4", "xfs", "btrfs"):
+        assert direct
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 8191, 65537])
+def test_write_direct_odd_sizes(engine, tmp_path, size):
+    data = os.urandom(size)
+    for parts in ([data], [_aligned(size, data)], [data[:1], data[1:]]):
+        backend, n, h, _direct = _io.write_buffers(str(tmp_path / "o"), parts, engine=engine, block_size=8192,
+                                                   queue_depth=3)
+        assert n == size and h == xxhash.xxh3_64_intdigest(data)
+        assert (tmp_path / "o").read_bytes() == data
+    r = io.write_buffers(tmp_path / "b", [data], engine=engine, direct=False)
+    assert r.xxh3 == xxhash.xxh3_64_hexdigest(data) and (tmp_path / "b").read_bytes() == data
+
+
+def _fs(path) -> str:
+    best, fstype = "", ""
+    with open("/proc/mounts") as f:
+        for line in f:
+            p = line.split()
+            if str(path).startswith(p[1]) and len(p[1]) > len(best):
+                best, fstype = p[1], p[2]
+    return fstype

@@ -18,8 +18,8 @@ enum ds_io_backend {
 	DS_IO_PSYNC = 3,
 };
 
-#define DS_IO_DEFAULT_BLOCK_SIZE (1u << 20)
-#define DS_IO_DEFAULT_QUEUE_DEPTH 32u
+#define DS_IO_DEFAULT_BLOCK_SIZE (4u << 20)  /* best or near-best read and write in the sweep (RESULTS.md) */
+#define DS_IO_DEFAULT_QUEUE_DEPTH 16u
 #define DS_IO_ALIGN 4096u
 
 /* Tunables of one engine; zero-initialise and set what you need. */
