@@ -13,9 +13,20 @@ from typing import Any, Callable, Iterable, Optional
 
 from dynsnap_core import io
 
-__all__ = ["run", "format_table"]
+__all__ = ["run", "sweep", "format_table", "find_fio"]
 
 _CHUNK = 64 << 20
+#: block sizes (KiB) and queue depths of the sweep table
+SWEEP_BLOCK_KB = (1024, 4096, 8192, 16384)
+SWEEP_QD = (4, 8, 16, 32)
+
+
+def find_fio() -> Optional[str]:
+    """fio to measure the device limit with: $DYNSNAP_FIO (e.g. the GPU bundle's static build), else PATH."""
+    env = os.environ.get("DYNSNAP_FIO")
+    if env and os.access(env, os.X_OK):
+        return env
+    return shutil.which("fio")
 
 
 def _fs_type(path: str) -> str:
@@ -71,9 +82,9 @@ def _timed(fn: Callable[[], Any], nbytes: int, cold: bool) -> dict:
             "cpu_s_per_gb": round((c1 - c0) / gb, 3) if gb else 0.0, "cold": dropped}
 
 
-def _fio(path: str, rw: str, size_mb: int, block_kb: int, qd: int) -> Optional[dict]:
-    cmd = ["fio", "--name=dynsnap-bench", f"--filename={path}", f"--rw={rw}", f"--bs={block_kb}k",
-           f"--iodepth={qd}", "--ioengine=libaio", "--direct=1", f"--size={size_mb}M",
+def _fio(fio: str, path: str, rw: str, size_mb: int, block_kb: int, qd: int, engine: str = "libaio") -> dict:
+    cmd = [fio, "--name=dynsnap-bench", f"--filename={path}", f"--rw={rw}", f"--bs={block_kb}k",
+           f"--iodepth={qd}", f"--ioengine={engine}", "--direct=1", f"--size={size_mb}M",
            "--end_fsync=1" if rw == "write" else "--invalidate=1", "--output-format=json"]
     c0 = _cpu()
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
@@ -88,17 +99,70 @@ def _fio(path: str, rw: str, size_mb: int, block_kb: int, qd: int) -> Optional[d
             "cpu_s_per_gb": round(cpu / (nbytes / 1e9), 3)}
 
 
-def run(dir: str, size_mb: int = 1024, block_kb: int = 1024, qd: int = 32,
+def _dd(path: str, rw: str, size_mb: int, cold: bool) -> dict:
+    """dd with 16 MiB O_DIRECT blocks (conv=fsync on write): the second physical-limit reference."""
+    bs_mb = 16
+    count = max(1, size_mb // bs_mb)
+    if rw == "write":
+        cmd = ["dd", "if=/dev/zero", f"of={path}", f"bs={bs_mb}M", f"count={count}", "oflag=direct",
+               "conv=fsync", "status=none"]
+    else:
+        cmd = ["dd", f"if={path}", "of=/dev/null", f"bs={bs_mb}M", "iflag=direct", "status=none"]
+    m = _timed(lambda: subprocess.run(cmd, check=True, capture_output=True, timeout=900), count * (bs_mb << 20),
+               cold)
+    return m
+
+
+def sweep(dir: str, size_mb: int = 1024, block_kb: Iterable[int] = SWEEP_BLOCK_KB,
+          qds: Iterable[int] = SWEEP_QD, engine: str = "io_uring", cold: bool = True,
+          progress: Optional[Callable[[str], Any]] = None) -> dict:
+    """GB/s of write_buffers (O_DIRECT) and hash_file (O_DIRECT) for every block size x queue depth."""
+    say = progress or (lambda msg: None)
+    if engine not in io.available_engines():
+        engine = io.available_engines()[0]
+    nbytes = size_mb << 20
+    chunk = os.urandom(min(_CHUNK, nbytes) or 1)
+    bufs = [memoryview(chunk)[:min(len(chunk), nbytes - o)] for o in range(0, nbytes, len(chunk))]
+    work = tempfile.mkdtemp(prefix="dynsnap-bench-sweep-", dir=dir)
+    cells: list[dict] = []
+    try:
+        path = os.path.join(work, "f")
+        for bk in block_kb:
+            for qd in qds:
+                say(f"sweep {bk} KiB x QD {qd}")
+                w = _timed(lambda: io.write_buffers(path, bufs, engine=engine, block_size=bk << 10,
+                                                    queue_depth=qd), nbytes, cold)
+                r = _timed(lambda: io.hash_file(path, engine=engine, block_size=bk << 10, queue_depth=qd),
+                           nbytes, cold)
+                cells.append({"block_kb": bk, "qd": qd, "write_gbps": w["gbps"], "read_gbps": r["gbps"],
+                              "write_cpu_s_per_gb": w["cpu_s_per_gb"], "read_cpu_s_per_gb": r["cpu_s_per_gb"]})
+                os.unlink(path)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"engine": engine, "size_mb": size_mb, "cells": cells}
+
+
+def run(dir: str, size_mb: int = 1024, block_kb: Optional[int] = None, qd: Optional[int] = None,
         engines: Optional[Iterable[str]] = None, cold: bool = True,
-        progress: Optional[Callable[[str], Any]] = None) -> dict:
+        progress: Optional[Callable[[str], Any]] = None, sweep_mb: Optional[int] = None,
+        do_sweep: Optional[bool] = None) -> dict:
     """Measure sequential write, read and copy of one ``size_mb`` file in ``dir``.
 
     Rows: each of our engines (write_buffers, hash_file with O_DIRECT, copy_tree with O_DIRECT),
-    fio (libaio, O_DIRECT, same block size and queue depth: the device limit), ``cp`` and
-    ``shutil.copyfile`` (both followed by fsync), plain Python write/read. Caches are dropped
-    before each measurement when ``cold`` and root. Returns a JSON-able dict; files are removed.
+    fio (libaio and io_uring, O_DIRECT, same block size and queue depth: the device limit), dd with
+    16 MiB O_DIRECT blocks (a second limit), ``cp`` and ``shutil.copyfile`` (both followed by fsync),
+    plain Python write/read. Caches are dropped before each measurement when ``cold`` and root.
+    Block size and queue depth default to the engine's defaults. With ``do_sweep`` (default:
+    $DYNSNAP_IO_SWEEP=1) a block size x queue depth table of ``sweep_mb`` (default: $DYNSNAP_IO_SWEEP_MB,
+    else min(size_mb, 1024)) is added under "sweep". Returns a JSON-able dict; files are removed.
     """
     say = progress or (lambda msg: None)
+    block_kb = block_kb or io.DEFAULT_BLOCK_SIZE >> 10
+    qd = qd or io.DEFAULT_QUEUE_DEPTH
+    if do_sweep is None:
+        do_sweep = os.environ.get("DYNSNAP_IO_SWEEP", "") not in ("", "0")
+    if sweep_mb is None:
+        sweep_mb = int(os.environ.get("DYNSNAP_IO_SWEEP_MB") or min(size_mb, 1024))
     engines = [e for e in (engines or io.available_engines()) if e in io.available_engines()]
     nbytes = size_mb << 20
     bs = block_kb << 10
@@ -108,9 +172,10 @@ def run(dir: str, size_mb: int = 1024, block_kb: int = 1024, qd: int = 32,
     can_drop = cold and _drop_caches(True)
     if cold and not can_drop:
         notes.append("cache not dropped (needs root): read figures may come from the page cache")
-    fio = shutil.which("fio")
+    fio = find_fio()
     if not fio:
-        notes.append("fio not found: no device-limit rows")
+        notes.append("fio not found ($DYNSNAP_FIO or PATH): no fio device-limit rows")
+    fio_engines = ("libaio", "io_uring")
 
     def add(op: str, tool: str, engine: str, m: dict, note: str = "") -> None:
         rows.append({"op": op, "tool": tool, "engine": engine, **m, "note": note})
@@ -131,7 +196,8 @@ def run(dir: str, size_mb: int = 1024, block_kb: int = 1024, qd: int = 32,
             say(f"write {eng}")
             path = os.path.join(work, f"w-{eng}")
             add("write", "dynsnap write_buffers", eng,
-                _timed(lambda: io.write_buffers(path, bufs, engine=eng), nbytes, cold), "buffered + fdatasync")
+                _timed(lambda: io.write_buffers(path, bufs, engine=eng, block_size=bs, queue_depth=qd), nbytes, cold),
+                "O_DIRECT + xxh3 + fdatasync")
             os.replace(path, src) if not os.path.exists(src) else os.unlink(path)
         say("write python")
 
@@ -143,10 +209,15 @@ def run(dir: str, size_mb: int = 1024, block_kb: int = 1024, qd: int = 32,
                 os.fsync(f.fileno())
         add("write", "python write+fsync", "", _timed(py_write, nbytes, cold), "baseline")
         os.unlink(os.path.join(work, "w-py"))
-        if fio:
-            say("write fio")
-            add("write", "fio", "libaio", _fio(os.path.join(work, "fio"), "write", size_mb, block_kb, qd),
+        for fe in fio_engines if fio else ():
+            say(f"write fio {fe}")
+            add("write", "fio", fe, _fio(fio, os.path.join(work, "fio"), "write", size_mb, block_kb, qd, fe),
                 "O_DIRECT, device limit")
+            _drop_caches(cold)
+        if shutil.which("dd"):
+            say("write dd")
+            add("write", "dd", "", _dd(os.path.join(work, "dd"), "write", size_mb, cold),
+                "16 MiB O_DIRECT + fsync, limit")
         # ---- sequential read
         for eng in engines:
             say(f"read {eng}")
@@ -161,12 +232,17 @@ def run(dir: str, size_mb: int = 1024, block_kb: int = 1024, qd: int = 32,
                 while f.readinto(buf):
                     pass
         add("read", "python readinto", "", _timed(py_read, nbytes, cold), "baseline")
-        if fio:
-            say("read fio")
+        for fe in fio_engines if fio else ():
+            say(f"read fio {fe}")
             _drop_caches(cold)
-            add("read", "fio", "libaio", _fio(os.path.join(work, "fio"), "read", size_mb, block_kb, qd),
+            add("read", "fio", fe, _fio(fio, os.path.join(work, "fio"), "read", size_mb, block_kb, qd, fe),
                 "O_DIRECT, device limit")
+        if fio:
             os.unlink(os.path.join(work, "fio"))
+        if os.path.exists(os.path.join(work, "dd")):
+            say("read dd")
+            add("read", "dd", "", _dd(os.path.join(work, "dd"), "read", size_mb, cold), "16 MiB O_DIRECT, limit")
+            os.unlink(os.path.join(work, "dd"))
         # ---- copy
         for eng in engines:
             say(f"copy {eng}")
@@ -174,6 +250,14 @@ def run(dir: str, size_mb: int = 1024, block_kb: int = 1024, qd: int = 32,
             add("copy", "dynsnap copy_tree", eng,
                 _timed(lambda: io.copy_tree(src_dir, dst, engine=eng, block_size=bs, queue_depth=qd),
                        nbytes, cold), "O_DIRECT + xxh3 + fsync")
+            shutil.rmtree(dst)
+        if engines:
+            eng = engines[0]
+            say(f"copy {eng} buffered")
+            dst = os.path.join(work, f"c-{eng}-buf")
+            add("copy", "dynsnap copy_tree", eng,
+                _timed(lambda: io.copy_tree(src_dir, dst, engine=eng, direct=False, block_size=bs,
+                                            queue_depth=qd), nbytes, cold), "buffered + xxh3 + fsync")
             shutil.rmtree(dst)
         say("copy cp")
         dst = os.path.join(work, "c-cp")
@@ -186,8 +270,12 @@ def run(dir: str, size_mb: int = 1024, block_kb: int = 1024, qd: int = 32,
         os.unlink(dst)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    # ratios: to fio of the same op (copy: to fio's read and write back to back), to the baseline
-    fio_of = {r["op"]: r["gbps"] for r in rows if r["tool"] == "fio"}
+    sweep_res = sweep(dir, sweep_mb, cold=cold, progress=say) if do_sweep and engines else None
+    # ratios: to the best fio of the same op (copy: to fio's read and write back to back), to the baseline
+    fio_of: dict[str, float] = {}
+    for r in rows:
+        if r["tool"] == "fio":
+            fio_of[r["op"]] = max(fio_of.get(r["op"], 0.0), r["gbps"])
     if "read" in fio_of and "write" in fio_of and fio_of["read"] and fio_of["write"]:
         fio_of["copy"] = 1 / (1 / fio_of["read"] + 1 / fio_of["write"])
     base_of = {r["op"]: r["gbps"] for r in rows if "baseline" in r["note"]}
@@ -197,6 +285,8 @@ def run(dir: str, size_mb: int = 1024, block_kb: int = 1024, qd: int = 32,
     if "copy" in fio_of:
         notes.append("copy ratio_fio is against fio read and write run back to back "
                      f"({fio_of['copy']:.3f} GB/s), the serial limit of one disk")
+    if fio:
+        notes.append(f"fio: {fio}; vs fio = against the faster fio engine of the same op")
     return {
         "date": time.strftime("%Y-%m-%d"),
         "machine": {"cpu_count": os.cpu_count(), "kernel": platform.release(), "fs_type": _fs_type(dir),
@@ -205,6 +295,7 @@ def run(dir: str, size_mb: int = 1024, block_kb: int = 1024, qd: int = 32,
                    "engines": engines},
         "rows": rows,
         "notes": notes,
+        "sweep": sweep_res,
     }
 
 
@@ -222,4 +313,15 @@ def format_table(result: dict) -> str:
         lines.append(f"| {r['op']} | {r['tool']} | {r['engine']} | {r['gbps']:.2f} | {fmt(r['ratio_fio'])} | "
                      f"{fmt(r['ratio_baseline'])} | {r['cpu_s_per_gb']:.2f} | {r['note']} |")
     lines += [f"- {n}" for n in result["notes"]]
+    sw = result.get("sweep")
+    if sw:
+        qds = sorted({c["qd"] for c in sw["cells"]})
+        lines += ["", f"sweep ({sw['engine']}, {sw['size_mb']} MiB, O_DIRECT, cold): GB/s write / read "
+                  "(write_buffers / hash_file)", "",
+                  "| block \\ QD | " + " | ".join(str(q) for q in qds) + " |",
+                  "|---|" + "---|" * len(qds)]
+        for bk in sorted({c["block_kb"] for c in sw["cells"]}):
+            cell = {c["qd"]: c for c in sw["cells"] if c["block_kb"] == bk}
+            lines.append(f"| {bk // 1024} MiB | " + " | ".join(
+                f"{cell[q]['write_gbps']:.2f} / {cell[q]['read_gbps']:.2f}" if q in cell else "" for q in qds) + " |")
     return "\n".join(lines)
