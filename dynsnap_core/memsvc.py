@@ -97,6 +97,9 @@ class MemoryService:
 
     # ---- lifecycle ----
     def bind(self) -> None:
+        """Create the listening socket (idempotent)."""
+        if self._sock is not None:
+            return
         try:
             os.unlink(self.socket_path)
         except FileNotFoundError:
