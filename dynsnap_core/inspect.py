@@ -1,10 +1,11 @@
-"""dynsnap inspect: describe a snapshot directory, or decode any single file of one (all kinds in manifest.FILE_KINDS)."""
+"""dynsnap inspect: describe a snapshot directory, or decode any single file dynsnap writes (kinds in formats.KINDS)."""
 from __future__ import annotations
 
 import json
 import struct
 from pathlib import Path
 
+from . import formats
 from . import manifest as mf
 from .errors import SnapshotCorrupt, SnapshotNotFound
 
@@ -42,15 +43,28 @@ def inspect(path: str) -> dict:
             kind = "pages" if Path(f["path"]).name.startswith("pages-") else Path(f["path"]).suffix or "other"
             by_kind[kind] = by_kind.get(kind, 0) + f["size"]
         return {"kind": "snapshot", "path": str(p), "manifest": m, "bytes_by_kind": by_kind}
-    if p.name == mf.MANIFEST_NAME:
+    if p.suffix == ".json":
         try:
             m = json.loads(p.read_text())
         except ValueError as e:
             raise SnapshotCorrupt(f"{p} is malformed: {e}", stage="inspect", path=str(p)) from None
+        k = formats.kind_of_json(m)
+        if k is None:
+            raise SnapshotCorrupt(f"{p} is not a dynsnap file (no known magic)", stage="inspect", path=str(p))
+        if k is formats.WEIGHT_SET:
+            tensors = m.get("tensors", [])
+            return {"kind": k.name, "path": str(p), "magic": m.get("magic"), "format": m.get("format"),
+                    "name": m.get("name"), "tensors": len(tensors),
+                    "bytes": sum(t.get("nbytes", 0) for t in tensors),
+                    "shards": sorted({t.get("shard") for t in tensors if t.get("shard")}), "manifest": m}
         return {"kind": "manifest", "path": str(p), "magic": m.get("magic"), "format": m.get("format"),
                 "manifest": m}
     if p.suffix == ".img":
         return _criu_image(p)
+    if p.parent.name == "objects" and "-" in p.name:
+        digest, _, size = p.name.rpartition("-")
+        return {"kind": "weight object", "path": str(p), "digest": digest, "size": p.stat().st_size,
+                "size_in_name": int(size) if size.isdigit() else None}
     if p.suffix == ".log":
         return {"kind": "log", "path": str(p), "size": p.stat().st_size,
                 "tail": p.read_text(errors="replace").splitlines()[-10:]}
@@ -61,7 +75,7 @@ def format_text(info: dict) -> str:
     if info["kind"] != "snapshot":
         if info["kind"] == "manifest":
             return json.dumps(info["manifest"], indent=2, sort_keys=True)
-        return "\n".join(f"{k}: {v}" for k, v in info.items())
+        return "\n".join(f"{k}: {v}" for k, v in info.items() if k != "manifest")
     m = info["manifest"]
     lines = [
         f"snapshot   {info['path']}",

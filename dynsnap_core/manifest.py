@@ -9,19 +9,16 @@ from typing import Any, Callable, Optional
 from .errors import SnapshotCorrupt, SnapshotNotFound
 
 __all__ = ["MAGIC", "FORMAT_VERSION", "MANIFEST_NAME", "CHECKSUM", "write", "read", "verify_files",
-           "FILE_KINDS"]
+           "check_sizes"]
 
-MAGIC = "dynsnap-snapshot"
-FORMAT_VERSION = 1
+from .formats import SNAPSHOT_MANIFEST as _KIND
+
+MAGIC = _KIND.magic
+FORMAT_VERSION = _KIND.format
 MANIFEST_NAME = "manifest.json"
 CHECKSUM = "xxh3-64"
 
-# Every kind of file a snapshot directory holds, in one place (dynsnap inspect decodes each).
-FILE_KINDS = {
-    "manifest.json": "dynsnap manifest (JSON, magic 'dynsnap-snapshot', format version)",
-    "criu/*.img": "CRIU image (CRIU's own magic numbers; decode with crit)",
-    "criu/dump.log": "CRIU's dump log",
-}
+# Every kind of file dynsnap writes is listed in dynsnap_core.formats (dynsnap inspect decodes each).
 
 _REQUIRED = ("magic", "format", "created", "root_pid", "files", "total_bytes", "checksum")
 
