@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import tempfile
@@ -12,6 +11,7 @@ import time
 from typing import Any, Callable, Iterable, Optional
 
 from dynsnap_core import io
+from dynsnap_core.benchutil import cpu_time, drop_caches, fmt_opt
 
 __all__ = ["run", "sweep", "format_table", "find_fio"]
 
@@ -47,20 +47,11 @@ def _fs_type(path: str) -> str:
 
 
 def _cpu() -> float:
-    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+    return cpu_time(children=True)   # fio, dd and cp run as children
 
 
 def _drop_caches(cold: bool) -> bool:
-    if not cold:
-        return False
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
+    return drop_caches() if cold else False
 
 
 def _fsync_path(path: str) -> None:
@@ -309,9 +300,8 @@ def format_table(result: dict) -> str:
              "| op | tool | engine | GB/s | vs fio | vs baseline | CPU s/GB | note |",
              "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        fmt = lambda v: "" if v is None else f"{v:.2f}"  # noqa: E731
-        lines.append(f"| {r['op']} | {r['tool']} | {r['engine']} | {r['gbps']:.2f} | {fmt(r['ratio_fio'])} | "
-                     f"{fmt(r['ratio_baseline'])} | {r['cpu_s_per_gb']:.2f} | {r['note']} |")
+        lines.append(f"| {r['op']} | {r['tool']} | {r['engine']} | {r['gbps']:.2f} | {fmt_opt(r['ratio_fio'])} | "
+                     f"{fmt_opt(r['ratio_baseline'])} | {r['cpu_s_per_gb']:.2f} | {r['note']} |")
     lines += [f"- {n}" for n in result["notes"]]
     sw = result.get("sweep")
     if sw:

@@ -12,13 +12,13 @@ import datetime as _dt
 import mmap
 import os
 import platform
-import resource
 import statistics
 import tempfile
 import time
 from typing import Any, Callable, Optional, Sequence
 
 from dynsnap_core import memfd
+from dynsnap_core.benchutil import cpu_time, drop_caches, fmt_opt
 
 __all__ = ["run", "format_table", "thread_counts"]
 
@@ -33,21 +33,6 @@ def thread_counts(spec: Optional[str | Sequence[int]] = None) -> list[int]:
         return sorted(set(int(x) for x in spec))
     cpus = os.cpu_count() or 1
     return [t for t in (1, 2, 4, 8, 16) if t <= max(cpus, 2)]
-
-
-def _cpu() -> float:
-    s = resource.getrusage(resource.RUSAGE_SELF)
-    return s.ru_utime + s.ru_stime
-
-
-def _drop_caches() -> bool:
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def _read(path: str, default: str = "") -> str:
@@ -78,11 +63,11 @@ def _measure(fn: Callable[[], Any], nbytes: int, repeats: int, cold: bool) -> di
     secs, cpus = [], []
     for _ in range(repeats):
         if cold:
-            _drop_caches()
-        c0, t0 = _cpu(), time.perf_counter()
+            drop_caches()
+        c0, t0 = cpu_time(), time.perf_counter()
         fn()
         secs.append(time.perf_counter() - t0)
-        cpus.append(_cpu() - c0)
+        cpus.append(cpu_time() - c0)
     best = min(secs)
     gb = nbytes / 1e9
     return {"gbps": round(gb / best, 3) if best > 0 else 0.0, "gbps_median": round(gb / statistics.median(secs), 3),
@@ -125,7 +110,7 @@ def run(dir: Optional[str] = None, size_mb: int = 1024, threads: Optional[str | 
     rows: list[dict] = []
     work = tempfile.mkdtemp(prefix="dynsnap-bench-memfd-", dir=dir)
     path = os.path.join(work, "image")
-    can_drop = cold and os.geteuid() == 0 and _drop_caches()
+    can_drop = cold and os.geteuid() == 0 and drop_caches()
     if cold and not can_drop:
         notes.append("cold rows skipped: drop_caches needs root")
 
@@ -203,7 +188,6 @@ def run(dir: Optional[str] = None, size_mb: int = 1024, threads: Optional[str | 
 def format_table(result: dict) -> str:
     """A Markdown table of a run() result, with its machine and configuration."""
     m, c = result["machine"], result["config"]
-    fmt = lambda v: "" if v is None else f"{v:.2f}"  # noqa: E731
     lines = [f"{result['date']}: {m['cpu_count']} CPUs ({m['cpu_model']}), Linux {m['kernel']}, "
              f"{m['mem_bytes'] / 2**30:.0f} GiB, shmem THP {m['thp_shmem']}; {c['size_mb']} MiB image at {m['dir']}, "
              f"best of {c['repeats']} (cold: 1 run each)",
@@ -211,7 +195,7 @@ def format_table(result: dict) -> str:
              "| source | tool | threads | GB/s | vs baseline | vs best memcpy | vs memcpy same threads | CPU s/GB |",
              "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['mode']} | {r['tool']} | {r['threads']} | {r['gbps']:.2f} | {fmt(r['vs_baseline'])} | "
-                     f"{fmt(r['vs_memcpy'])} | {fmt(r['vs_memcpy_same_threads'])} | {r['cpu_s_per_gb']:.2f} |")
+        lines.append(f"| {r['mode']} | {r['tool']} | {r['threads']} | {r['gbps']:.2f} | {fmt_opt(r['vs_baseline'])} | "
+                     f"{fmt_opt(r['vs_memcpy'])} | {fmt_opt(r['vs_memcpy_same_threads'])} | {r['cpu_s_per_gb']:.2f} |")
     lines += [f"- {n}" for n in result["notes"]]
     return "\n".join(lines)

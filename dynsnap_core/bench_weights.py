@@ -15,11 +15,11 @@ import datetime as _dt
 import gc
 import os
 import platform
-import resource
 import shutil
 import time
 from typing import Any, Callable, Optional, Sequence
 
+from .benchutil import cpu_time, drop_caches
 from .errors import DynsnapError
 
 __all__ = ["run", "format_table", "model_shapes"]
@@ -49,21 +49,6 @@ def model_shapes(size_gb: float) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
-def _cpu() -> float:
-    s = resource.getrusage(resource.RUSAGE_SELF)
-    return s.ru_utime + s.ru_stime
-
-
-def _drop_caches() -> bool:
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
-
-
 def _warm(paths: Sequence[str]) -> None:
     buf = bytearray(16 << 20)
     for p in paths:
@@ -74,10 +59,10 @@ def _warm(paths: Sequence[str]) -> None:
 
 def _timed(fn: Callable[[], Any], torch: Any) -> tuple[float, float, Any]:
     torch.cuda.synchronize()
-    c0, t0 = _cpu(), time.perf_counter()
+    c0, t0 = cpu_time(), time.perf_counter()
     out = fn()
     torch.cuda.synchronize()
-    return time.perf_counter() - t0, _cpu() - c0, out
+    return time.perf_counter() - t0, cpu_time() - c0, out
 
 
 def _h2d_limit(torch: Any, nbytes: int = 1 << 30) -> float:
@@ -97,7 +82,7 @@ def _h2d_limit(torch: Any, nbytes: int = 1 << 30) -> float:
 def _disk_limit(paths: Sequence[str], cap: int = 4 << 30) -> Optional[float]:
     """O_DIRECT read bandwidth over (up to ``cap`` bytes of) the shards, page cache dropped first."""
     from . import io as dio
-    if not _drop_caches():
+    if not drop_caches():
         return None
     total, t0 = 0, time.perf_counter()
     for p in sorted(paths, key=os.path.getsize, reverse=True):
@@ -175,7 +160,7 @@ def run(sizes: Sequence[float] = (1.2, 16), dir: str = "/var/tmp", cold: bool = 
 
             def measure(method: str, fn: Callable[[], Any], files: Sequence[str], **extra: Any) -> None:
                 for cache in (["cold"] if cold else []) + ["warm"]:
-                    if cache == "cold" and not _drop_caches():
+                    if cache == "cold" and not drop_caches():
                         continue
                     if cache == "warm":
                         _warm(files)
