@@ -32,6 +32,7 @@ from typing import Any, Mapping, Optional
 
 from . import memfd
 from .errors import SnapshotCorrupt
+from .ui import human_bytes as _human
 from .weights import (DTYPE_SIZES, TYPESTR, GpuUnavailable, PathUnavailable, ShardCorrupt, TensorEntry,
                       TensorMismatch, WeightSet, WeightsError, WeightsOutOfMemory, _few, open_set)
 
@@ -251,14 +252,6 @@ def _torch_dtype(torch: Any, name: str) -> Any:
 def _is_oom(e: BaseException) -> bool:
     text = str(e)
     return "out of memory" in text.lower() or "CUDA_ERROR_OUT_OF_MEMORY" in text
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _into_ptr(t: TensorEntry, obj: Any, ordinal: int, torch: Any) -> int:
