@@ -29,7 +29,8 @@ from .errors import (CudaError, CudaNotCudaProcess, CudaStateError, CudaTimeout,
 
 __all__ = [
     "is_available", "driver_info", "CudaState", "state", "restore_thread_id", "lock", "checkpoint",
-    "restore", "unlock", "cuda_pids", "devices", "process_gpu_memory", "CudaTree", "parse_device_map",
+    "restore", "unlock", "cuda_pids", "devices", "process_gpu_memory", "process_gpus", "CudaTree",
+    "parse_device_map",
     "format_uuid", "MIN_DRIVER_API_VERSION",
 ]
 
@@ -566,28 +567,34 @@ def devices() -> List[dict]:
     return out
 
 
-def process_gpu_memory(pid: int) -> Optional[int]:
-    """Bytes of GPU memory that ``pid`` holds, from nvidia-smi; 0 when nvidia-smi lists no such process
-    (e.g. checkpointed), None when it cannot be asked."""
+def process_gpus(pid: int) -> Optional[Dict[str, int]]:
+    """GPU UUID -> bytes of GPU memory that ``pid`` holds there, from nvidia-smi; {} when nvidia-smi lists
+    no such process (e.g. checkpointed), None when it cannot be asked."""
     smi = shutil.which("nvidia-smi")
     if not smi:
         return None
     try:
-        out = subprocess.run([smi, "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+        out = subprocess.run([smi, "--query-compute-apps=pid,gpu_uuid,used_memory", "--format=csv,noheader,nounits"],
                              capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.SubprocessError):
         return None
     if out.returncode != 0:
         return None
-    total = 0
+    found: Dict[str, int] = {}
     for line in out.stdout.splitlines():
         parts = [p.strip() for p in line.split(",")]
-        if len(parts) >= 2 and parts[0].isdigit() and int(parts[0]) == int(pid):
+        if len(parts) >= 3 and parts[0].isdigit() and int(parts[0]) == int(pid):
             try:
-                total += int(float(parts[1]) * 1024 * 1024)   # MiB
+                found[parts[1]] = found.get(parts[1], 0) + int(float(parts[2]) * 1024 * 1024)   # MiB
             except ValueError:
                 continue
-    return total
+    return found
+
+
+def process_gpu_memory(pid: int) -> Optional[int]:
+    """Bytes of GPU memory that ``pid`` holds on all GPUs (see :func:`process_gpus`), or None."""
+    per_gpu = process_gpus(pid)
+    return None if per_gpu is None else sum(per_gpu.values())
 
 
 # ---------------------------------------------------------------------------------------------------------

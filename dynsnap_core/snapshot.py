@@ -266,7 +266,10 @@ def checkpoint(pid: int, out: str | os.PathLike | None = None, *, leave_running:
                 if cpids:
                     gpu = _gpu_facts()
                     gpu["pids"] = cpids
-                    gpu["memory"] = {str(p): cuda.process_gpu_memory(p) for p in cpids}
+                    # per CUDA process: the GPUs it uses (UUID -> bytes), for the manifest and the estimate
+                    per = {str(p): cuda.process_gpus(p) for p in cpids}
+                    gpu["processes"] = per
+                    gpu["memory"] = {p: (None if v is None else sum(v.values())) for p, v in per.items()}
                     if log:
                         gpu_bytes = sum(v or 0 for v in gpu["memory"].values())
                         log(f"image estimate: host RSS {rss / 2**30:.2f} GiB + GPU {gpu_bytes / 2**30:.2f} GiB "
