@@ -77,12 +77,7 @@ def serve(path: str, layers: list, index: dict[int, int], ready: str | None, svc
     while True:
         conn, _ = srv.accept()
         with conn:
-            line = b""
-            while not line.endswith(b"\n"):
-                part = conn.recv(4096)
-                if not part:
-                    break
-                line += part
+            line = recv_line(conn)
             words = line.decode(errors="replace").split()
             if not words:
                 continue
@@ -102,18 +97,26 @@ def serve(path: str, layers: list, index: dict[int, int], ready: str | None, svc
             conn.sendall(reply.encode() + b"\n")
 
 
-def request(path: str, line: str, timeout: float = 30.0) -> str:
-    """Send one request line to a worker and return its reply (client side, used by the demo and tests)."""
+def recv_line(sock: socket.socket, bufsize: int = 4096) -> bytes:
+    """Bytes received up to and including a newline, or up to the peer closing (the line protocol, both sides)."""
+    buf = b""
+    while not buf.endswith(b"\n"):
+        part = sock.recv(bufsize)
+        if not part:
+            break
+        buf += part
+    return buf
+
+
+def request(path: str, line: str, timeout: float = 30.0, bufsize: int = 4096) -> str:
+    """Send one request line to a worker and return its reply (client side, used by the demo and tests).
+
+    ``path`` is a socket path, or an abstract socket name with a leading NUL."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(path)
         s.sendall(line.encode() + b"\n")
-        buf = b""
-        while not buf.endswith(b"\n"):
-            part = s.recv(4096)
-            if not part:
-                break
-            buf += part
+        buf = recv_line(s, bufsize)
     return buf.decode().strip()
 
 

@@ -5,7 +5,6 @@ import ctypes
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -100,20 +99,8 @@ class Worker:
             return ""
 
     def request(self, cmd: str, timeout: float = 300.0) -> str:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(timeout)
-        try:
-            s.connect("\0" + self.sock[1:])
-            s.sendall(cmd.encode() + b"\n")
-            buf = b""
-            while not buf.endswith(b"\n"):
-                part = s.recv(65536)
-                if not part:
-                    break
-                buf += part
-        finally:
-            s.close()
-        reply = buf.decode().strip()
+        from dynsnap_core.demo_worker import request   # the same line protocol as the demo worker
+        reply = request("\0" + self.sock[1:], cmd, timeout, bufsize=65536)
         if reply.startswith("error"):
             raise RuntimeError(f"worker answered {reply!r} to {cmd!r}")
         return reply
