@@ -23,6 +23,30 @@ def cli(*args, env=None, timeout=300, user=None) -> subprocess.CompletedProcess:
                           env={**os.environ, **(env or {})}, cwd=ROOT)
 
 
+def wait_ready(popen: subprocess.Popen, ready: Path, log: Path, what: str, timeout: float = 60) -> None:
+    """Wait for a test process to write its ready file; RuntimeError ``what: <log tail>`` if it exits or times out."""
+    end = time.monotonic() + timeout
+    while not ready.exists():
+        if popen.poll() is not None or time.monotonic() > end:
+            raise RuntimeError(f"{what}: {log.read_text()[-2000:]}")
+        time.sleep(0.01)
+
+
+def request_json(sock: Path, what: str, timeout: float = 30) -> dict:
+    """One request to a test workload's Unix socket (no newline); its JSON reply, read to the end."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(timeout)
+        s.connect(str(sock))
+        s.sendall(what.encode())
+        buf = b""
+        while True:
+            part = s.recv(65536)
+            if not part:
+                break
+            buf += part
+    return json.loads(buf)
+
+
 class Workload:
     """A zdtm-style process under test; talks over its Unix socket."""
 
@@ -35,24 +59,10 @@ class Workload:
              "--ready", str(self.ready), *flags],
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log, start_new_session=True)
         self.pid = self.popen.pid
-        end = time.monotonic() + 60
-        while not self.ready.exists():
-            if self.popen.poll() is not None or time.monotonic() > end:
-                raise RuntimeError(f"workload failed to start: {(tmp / 'workload.log').read_text()[-2000:]}")
-            time.sleep(0.01)
+        wait_ready(self.popen, self.ready, tmp / "workload.log", "workload failed to start")
 
     def request(self, what: str = "check", timeout: float = 30) -> dict:
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(timeout)
-            s.connect(str(self.sock))
-            s.sendall(what.encode())
-            buf = b""
-            while True:
-                part = s.recv(65536)
-                if not part:
-                    break
-                buf += part
-        return json.loads(buf)
+        return request_json(self.sock, what, timeout)
 
     def alive(self) -> bool:
         from dynsnap_core.proc import exists

@@ -2,10 +2,8 @@
 create/publish, weight-directory dedup, bad requests. The service survives all of it."""
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +13,7 @@ import pytest
 
 from dynsnap_core import memfd, memsvc
 from dynsnap_core.weightdir import WeightDir
+from helpers import request_json, wait_ready
 
 HERE = Path(__file__).parent
 MiB = 1 << 20
@@ -53,24 +52,10 @@ class ClientProc:
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log, start_new_session=True,
             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
         self.pid = self.popen.pid
-        end = time.monotonic() + 60
-        while not self.ready.exists():
-            if self.popen.poll() is not None or time.monotonic() > end:
-                raise RuntimeError(f"client failed: {(tmp / 'client.log').read_text()[-2000:]}")
-            time.sleep(0.01)
+        wait_ready(self.popen, self.ready, tmp / "client.log", "client failed")
 
     def request(self, what: str) -> dict:
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(90)
-            s.connect(str(self.sock))
-            s.sendall(what.encode())
-            buf = b""
-            while True:
-                part = s.recv(65536)
-                if not part:
-                    break
-                buf += part
-        return json.loads(buf)
+        return request_json(self.sock, what, timeout=90)
 
     def kill(self) -> None:
         for pid in {self.pid}:
