@@ -38,6 +38,23 @@ def subreaper():
     yield
 
 
+def pytest_generate_tests(metafunc):
+    """Every test that takes ``engine`` runs once per I/O backend (dynsnap_core is imported only then)."""
+    if "engine" in metafunc.fixturenames:
+        from dynsnap_core.io import ENGINES
+        metafunc.parametrize("engine", ENGINES, indirect=True)
+
+
+@pytest.fixture
+def engine(request) -> str:
+    """An I/O backend name; the test is skipped where that backend cannot initialise."""
+    from dynsnap_core._lib import _io
+    rc = _io.probe(request.param)
+    if rc:
+        pytest.skip(f"engine {request.param} cannot initialise here: {os.strerror(-rc)}")
+    return request.param
+
+
 @pytest.fixture
 def home(tmp_path, monkeypatch):
     h = tmp_path / "home"

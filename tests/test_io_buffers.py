@@ -16,14 +16,6 @@ from dynsnap_core._lib import _io
 SIZES = [0, 1, 4095, 4096, 4097, (1 << 20) + 3, 2 * (1 << 20) + 4097]
 
 
-@pytest.fixture(params=io.ENGINES)
-def engine(request) -> str:
-    rc = _io.probe(request.param)
-    if rc:
-        pytest.skip(f"engine {request.param} cannot initialise here: {os.strerror(-rc)}")
-    return request.param
-
-
 @pytest.mark.parametrize("size", SIZES)
 def test_write_then_read(engine, tmp_path, size):
     data = os.urandom(size)

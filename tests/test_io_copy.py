@@ -23,14 +23,6 @@ def fs_type(path: str) -> str:
                           text=True).stdout.strip()
 
 
-@pytest.fixture(params=io.ENGINES)
-def engine(request) -> str:
-    rc = _io.probe(request.param)
-    if rc:
-        pytest.skip(f"engine {request.param} cannot initialise here: {os.strerror(-rc)}")
-    return request.param
-
-
 @pytest.fixture
 def ext4_dir(tmp_path):
     """A directory on a disk file system that supports O_DIRECT (the repo's ext4 if /tmp is not)."""

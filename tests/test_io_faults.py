@@ -11,14 +11,6 @@ from dynsnap_core import io
 from dynsnap_core._lib import _io
 
 
-@pytest.fixture(params=io.ENGINES)
-def engine(request) -> str:
-    rc = _io.probe(request.param)
-    if rc:
-        pytest.skip(f"engine {request.param} cannot initialise here: {os.strerror(-rc)}")
-    return request.param
-
-
 @pytest.fixture
 def small_tmpfs(tmp_path):
     """A 4 MiB tmpfs mounted in a temporary directory (root only)."""
