@@ -10,7 +10,7 @@ import dynsnap_core
 from dynsnap_core import memfd, memsvc
 from dynsnap_core.weightdir import WeightDir
 
-from test_memsvc_service import client_proc, service  # noqa: F401  (fixtures)
+from test_memsvc_service import client_proc, load_ready, service  # noqa: F401  (fixtures)
 
 pytestmark = [pytest.mark.criu, pytest.mark.root]
 MiB = 1 << 20
@@ -43,9 +43,7 @@ def test_detach_checkpoint_restore_reattach(service, client_proc, region_file, t
     p, dig = region_file
     svc = service()
     with svc.client() as c:
-        c.load("weights", p, digest=dig)
-        c.get("weights").close()
-        c.release("weights")
+        load_ready(c, "weights", p, dig)
     cp = client_proc(svc.path, "weights")
     before = cp.request("info")
     assert before["attached"] and before["digest"] == dig
@@ -61,9 +59,7 @@ def test_weight_dir_checkpoint_and_parallel_restore(service, client_proc, region
     svc = service()
     store = tmp_path / "store"
     with svc.client() as c:
-        c.load("weights", p, digest=dig)
-        c.get("weights").close()
-        c.release("weights")
+        load_ready(c, "weights", p, dig)
     cp = client_proc(svc.path, "weights")
     before = cp.request("info")
     snap = memsvc.checkpoint_with_regions(cp.pid, tmp_path / "snap", service=svc.path, regions=["weights"],

@@ -99,6 +99,13 @@ def client_proc(tmp_path):
     reap_children()
 
 
+def load_ready(c: memsvc.Client, name: str, path: Path, digest: str) -> None:
+    """Load a region and wait until the service has verified it (get, close, release): ready to attach."""
+    c.load(name, path, digest=digest)
+    c.get(name).close()
+    c.release(name)
+
+
 @pytest.fixture
 def weights(tmp_path):
     data = os.urandom(24 * MiB + 77)
@@ -163,9 +170,7 @@ def test_client_dying_while_holding_a_region(service, weights, client_proc):
     p, data, dig = weights
     svc = service()
     with svc.client() as c:
-        c.load("w", p, digest=dig)
-        c.get("w").close()
-        c.release("w")
+        load_ready(c, "w", p, dig)
         cp = client_proc(svc.path, "w")
         info = cp.request("info")
         assert info["attached"] and info["digest"] == dig and info["mapped"] and info["memfd_fds"] == 0
