@@ -12,7 +12,7 @@ import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from . import memfd
 
@@ -28,6 +28,28 @@ def default_store() -> Path:
         return Path(env)
     from .snapshot import default_home
     return default_home() / "weights"
+
+
+def publish(dest: Path, write: Callable[[Path], None]) -> None:
+    """Make ``dest`` appear atomically: ``write(tmp)`` fills (and fsyncs) a temporary file next to it, which is
+    renamed to ``dest``, then the directory is fsynced; the temporary file is removed if anything fails.
+    Shared by the weight directory's objects and the weight store's manifests."""
+    directory = dest.parent
+    tmp = directory / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        write(tmp)
+        os.rename(tmp, dest)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -67,24 +89,13 @@ class WeightDir:
         if self.has(dig, region.size):
             return StoredRegion(dig, region.size, str(dest), written=False)
         self.objects.mkdir(parents=True, exist_ok=True)
-        tmp = self.objects / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
+
+        def write(tmp: Path) -> None:
             [res] = memfd.dump([region], [tmp], threads, fsync=True)
             if res.digest != dig:
                 raise memfd.MemfdError(f"region {region.name!r} changed while it was stored "
                                        f"(digest {res.digest}, expected {dig})", stage="store", path=str(tmp))
-            os.rename(tmp, dest)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        fd = os.open(self.objects, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        publish(dest, write)
         return StoredRegion(dig, region.size, str(dest), written=True)
 
     def segment(self, digest: str, size: int, name: Optional[str] = None) -> memfd.Segment:

@@ -26,14 +26,13 @@ import os
 import re
 import struct
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 from . import memfd
 from .errors import DynsnapError, SnapshotCorrupt
-from .weightdir import WeightDir, default_store
+from .weightdir import WeightDir, default_store, publish
 
 __all__ = [
     "MAGIC", "FORMAT_VERSION", "ALIGN", "DEFAULT_SHARD_BYTES", "DTYPE_SIZES", "WeightsError",
@@ -390,25 +389,14 @@ class Store:
     def _write_manifest(self, name: str, manifest: dict) -> Path:
         self.sets.mkdir(parents=True, exist_ok=True)
         dest = self.manifest_path(name)
-        tmp = self.sets / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
+
+        def write(tmp: Path) -> None:
             with open(tmp, "w") as f:
                 json.dump(manifest, f, indent=1)
                 f.write("\n")
                 f.flush()
                 os.fsync(f.fileno())
-            os.rename(tmp, dest)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        fd = os.open(self.sets, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        publish(dest, write)
         return dest
 
     def import_safetensors(self, paths: str | os.PathLike | Sequence[str | os.PathLike], name: Optional[str] = None,
