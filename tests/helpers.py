@@ -32,6 +32,18 @@ def wait_ready(popen: subprocess.Popen, ready: Path, log: Path, what: str, timeo
         time.sleep(0.01)
 
 
+def kill_proc(popen: subprocess.Popen) -> None:
+    """SIGKILL a test process (gone already is fine) and wait up to 10 s for it to exit."""
+    try:
+        os.kill(popen.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
+        popen.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+
+
 def request_json(sock: Path, what: str, timeout: float = 30) -> dict:
     """One request to a test workload's Unix socket (no newline); its JSON reply, read to the end."""
     with socket.socket(socket.AF_UNIX) as s:
@@ -80,15 +92,7 @@ class Workload:
             pass
 
     def kill(self) -> None:
-        for sig_target in (self.pid,):
-            try:
-                os.kill(sig_target, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
-            self.popen.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
+        kill_proc(self.popen)
         from dynsnap_core.proc import reap_children
         time.sleep(0.05)
         reap_children()

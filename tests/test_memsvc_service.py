@@ -13,7 +13,7 @@ import pytest
 
 from dynsnap_core import memfd, memsvc
 from dynsnap_core.weightdir import WeightDir
-from helpers import request_json, wait_ready
+from helpers import kill_proc, request_json, wait_ready
 
 HERE = Path(__file__).parent
 MiB = 1 << 20
@@ -58,15 +58,7 @@ class ClientProc:
         return request_json(self.sock, what, timeout=90)
 
     def kill(self) -> None:
-        for pid in {self.pid}:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
-            self.popen.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
+        kill_proc(self.popen)
         self.log.close()
 
 
