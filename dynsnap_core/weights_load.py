@@ -468,6 +468,20 @@ def _load_memfd(ws: WeightSet, ordinal: int, ptrs: dict, verify: bool, memsvc: A
             "source": "memsvc" if client is not None else "local memfds", "verified": verify}
 
 
+def _check_shard(ws: WeightSet, i: int, whose: str = "") -> str:
+    """Path of shard ``i``; ShardCorrupt if it is missing or shorter than the manifest says."""
+    path, want = ws.shard_path(i), ws.shards[i].size
+    try:
+        size = os.stat(path).st_size
+    except FileNotFoundError:
+        raise ShardCorrupt(f"shard {path}{whose} is missing", shard=path, path=path) from None
+    if size < want:
+        names = [t.name for t in ws.tensors_in(i)]
+        raise ShardCorrupt(f"shard {path} is truncated: {size} bytes, the manifest says {want} "
+                           f"(tensors {_few(names)})", shard=path, tensor=names[0] if names else None, path=path)
+    return path
+
+
 def _load_kvikio(ws: WeightSet, ptrs: dict, verify: bool) -> dict:
     kvikio = _kvikio()
     if kvikio is None:
@@ -475,16 +489,8 @@ def _load_kvikio(ws: WeightSet, ptrs: dict, verify: bool) -> dict:
     compat = _kvikio_compat(kvikio)
     _kvikio_tune(kvikio, defaults.kvikio_threads, defaults.kvikio_task_size)
     t0 = time.perf_counter()
-    for i, s in enumerate(ws.shards):
-        path = ws.shard_path(i)
-        try:
-            size = os.stat(path).st_size
-        except FileNotFoundError:
-            raise ShardCorrupt(f"shard {path} is missing", shard=path, path=path) from None
-        if size < s.size:
-            names = [t.name for t in ws.tensors_in(i)]
-            raise ShardCorrupt(f"shard {path} is truncated: {size} bytes, the manifest says {s.size} "
-                               f"(tensors {_few(names)})", shard=path, tensor=names[0] if names else None, path=path)
+    for i in range(len(ws.shards)):
+        path = _check_shard(ws, i)
         f = kvikio.CuFile(path, "r")
         try:
             futs = [(t, f.pread(_RawDev(ptrs[t.name], t.nbytes), t.nbytes, t.offset, defaults.kvikio_task_size))
@@ -527,16 +533,8 @@ def _load_host(ws: WeightSet, verify: bool) -> tuple[dict, dict]:
         ml = None
     segs = [memfd.Segment(ws.shard_path(i), 0, s.size, name=f"dynsnap-w-{s.digest}",
                           digest=s.digest if verify else None) for i, s in enumerate(ws.shards)]
-    for i, s in enumerate(ws.shards):
-        p = ws.shard_path(i)
-        try:
-            size = os.stat(p).st_size
-        except FileNotFoundError:
-            raise ShardCorrupt(f"shard {p} of weight set {ws.name!r} is missing", shard=p, path=p) from None
-        if size < s.size:
-            names = [t.name for t in ws.tensors_in(i)]
-            raise ShardCorrupt(f"shard {p} is truncated: {size} bytes, the manifest says {s.size} "
-                               f"(tensors {_few(names)})", shard=p, tensor=names[0] if names else None, path=p)
+    for i in range(len(ws.shards)):
+        _check_shard(ws, i, f" of weight set {ws.name!r}")
     t0 = time.perf_counter()
     try:
         mfds = memfd.restore(segs, populate=True)
