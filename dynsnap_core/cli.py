@@ -178,6 +178,15 @@ def cmd_bench(a) -> int:
         else:
             print(bench_weights.format_table(res))
         return 0
+    if a.what == "restore":
+        from . import bench_restore
+        res = bench_restore.run(a.dir or None, size_mb=a.size_mb,
+                                progress=None if a.json else (lambda s: print(s, file=sys.stderr, flush=True)))
+        if a.json:
+            _emit_json(res)
+        else:
+            print(bench_restore.format_table(res))
+        return 0
     raise DynsnapError(f"unknown benchmark {a.what!r}", stage="bench")
 
 
@@ -275,8 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_demo)
 
-    s = sub.add_parser("bench", help="benchmarks: io, memfd, weights")
-    s.add_argument("what", choices=["io", "memfd", "weights"])
+    s = sub.add_parser("bench", help="benchmarks: io, memfd, weights, restore")
+    s.add_argument("what", choices=["io", "memfd", "weights", "restore"])
     s.add_argument("--sizes", help="weights: comma-separated GB of bf16 weights (default 1.2,16)")
     s.add_argument("--threads", help="memfd: comma-separated thread counts (default 1,2,4,8,16 up to the cores)")
     s.add_argument("--no-cold", action="store_true", help="memfd: skip the cold-cache (drop_caches) runs")

@@ -503,20 +503,59 @@ def _check_devices(m: dict) -> None:
             f"{', '.join(have_names) or 'no GPU'}; CUDA restore needs the same chip type", stage="preflight")
 
 
+PREFETCH_MODES = ("pagecache", "tmpfs")
+
+
+def _prefetch_tmpfs(snap: Snapshot, engine: str, verify: bool) -> tuple[Path, float]:
+    """Copy the CRIU images into tmpfs with the C engine (O_DIRECT reads, inline xxh3), checking every
+    checksum against the manifest on the way; return the tmpfs directory CRIU then restores from."""
+    from . import io as dio
+    tmpfs = _tmpfs_dir()
+    if tmpfs is None:
+        raise StorageError("restore prefetch 'tmpfs' needs a writable tmpfs (/dev/shm or $DYNSNAP_TMPFS)",
+                           stage="restore")
+    dest = Path(tempfile.mkdtemp(prefix=f"dynsnap-restore-{os.getpid()}-", dir=tmpfs))
+    t0 = time.perf_counter()
+    try:
+        res = dio.copy_tree(str(snap.path / "criu"), str(dest / "criu"), engine=engine, direct=True,
+                            checksum=verify, fsync=False)
+        if verify:
+            want = {f["path"]: f for f in snap.manifest["files"]}
+            for f in res.files:
+                rec = want.get(f"criu/{f.path}")
+                if rec is not None and (rec["size"] != f.size or rec["xxh3"] != f.xxh3):
+                    bad = snap.path / "criu" / f.path
+                    raise SnapshotCorrupt(f"{bad} does not match its checksum (xxh3 {f.xxh3}, manifest says "
+                                          f"{rec['xxh3']}): the file was altered or damaged", stage="verify",
+                                          path=str(bad))
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+    return dest, time.perf_counter() - t0
+
+
 def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optional[dict] = None,
             progress: Progress = None, engine: str = "auto", verify_threads: int = 4,
-            log_dir: Optional[Path] = None) -> RestoredProcess:
+            prefetch: Optional[str] = None, log_dir: Optional[Path] = None) -> RestoredProcess:
     """Verify a snapshot and bring its process tree back (detached); return the restored root.
 
     Steps: manifest + sizes -> device check -> [checksums in parallel threads || CRIU restore with the
     tree left stopped] -> (if every checksum matched) continue the tree -> CUDA restore -> unlock.
     Verification reads through the page cache, so it also prefetches what CRIU reads; a tree restored
     from a snapshot that then fails verification is killed before it ever runs.
+
+    ``prefetch`` (default ``$DYNSNAP_RESTORE_PREFETCH`` or ``pagecache``): ``pagecache`` is the overlapped
+    path above; ``tmpfs`` first copies and checks the images into tmpfs with the C engine, then CRIU
+    restores from memory (``dynsnap bench restore`` measures both; page cache was faster, see RESULTS.md).
     """
     import concurrent.futures as cf
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
+    prefetch = prefetch or os.environ.get("DYNSNAP_RESTORE_PREFETCH") or "pagecache"
+    if prefetch not in PREFETCH_MODES:
+        raise DynsnapError(f"unknown restore prefetch mode {prefetch!r}: use one of {', '.join(PREFETCH_MODES)}",
+                           stage="preflight")
     require_privilege("restore")
     snap = open_snapshot(path)
     m = snap.manifest
@@ -532,14 +571,21 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     work = Path(tempfile.mkdtemp(prefix=f"restore-{stamp}-", dir=log_dir))
     pidfile = work / "pid"
-    args = ["restore", "-D", str(snap.path / "criu"), "-W", str(work), "-d", "--pidfile", str(pidfile),
+    images = snap.path / "criu"
+    staged: Optional[Path] = None
+    if prefetch == "tmpfs":
+        if progress:
+            progress("prefetch to tmpfs" + (" + verify" if verify else ""), 0, 1)
+        staged, timings["prefetch"] = _prefetch_tmpfs(snap, engine, verify)
+        images = staged / "criu"
+    args = ["restore", "-D", str(images), "-W", str(work), "-d", "--pidfile", str(pidfile),
             "--file-locks", "--leave-stopped"]
     if m.get("shell_job"):
         args.append("--shell-job")
 
     pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dynsnap-verify")
     vfut = None
-    if verify:
+    if verify and staged is None:
         def _verify() -> float:
             t0 = time.perf_counter()
             mf.verify_files(snap.path, m, engine=engine, direct=False, threads=verify_threads)
@@ -579,6 +625,8 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
         raise
     finally:
         pool.shutdown(wait=True)
+        if staged is not None:
+            shutil.rmtree(staged, ignore_errors=True)
     timings["total"] = time.perf_counter() - t_start
     if os.environ.get("DYNSNAP_KEEP_LOGS") is None:
         shutil.rmtree(work, ignore_errors=True)

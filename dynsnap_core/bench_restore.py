@@ -1,0 +1,145 @@
+"""dynsnap bench restore: time from restore to first correct answer, our paths against plain CRIU, cold and warm.
+
+One run: a demo worker with N MiB of state is snapshotted once; then, with the page cache dropped (cold) or
+holding the images (warm), it is restored by dynsnap (prefetch 'pagecache': checksums verified in parallel
+with CRIU; prefetch 'tmpfs': images copied and checked into tmpfs first) and by a plain `criu restore` of the
+same images (no verification: the baseline), each followed by a request whose answer must match the one
+given before the snapshot. The disk's O_DIRECT read of the same images (dd, 16 MiB blocks) is the limit.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from . import proc
+from .benchutil import drop_caches
+from .criu import find_criu, require_privilege
+from .demo_worker import request
+from .snapshot import checkpoint, default_home, restore
+
+__all__ = ["run", "format_table"]
+
+METHODS = ("dynsnap (prefetch=pagecache)", "dynsnap (prefetch=tmpfs)", "criu restore (baseline)")
+
+
+def _start_worker(work: Path, mb: int) -> tuple[subprocess.Popen, Path]:
+    sock, ready = work / "w.sock", work / "ready"
+    log = open(work / "worker.log", "wb")
+    p = subprocess.Popen([sys.executable, "-m", "dynsnap_core.demo_worker", "--socket", str(sock), "--mb", str(mb),
+                          "--rounds", "1", "--ready", str(ready)], stdin=subprocess.DEVNULL, stdout=log,
+                         stderr=log, start_new_session=True, cwd=work,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    log.close()
+    end = time.monotonic() + 300
+    while not (ready.exists() and sock.exists()):
+        if p.poll() is not None or time.monotonic() > end:
+            raise RuntimeError("bench worker failed to start: " + (work / "worker.log").read_text()[-500:])
+        time.sleep(0.01)
+    return p, sock
+
+
+def _gone(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    end = time.monotonic() + 10
+    while time.monotonic() < end:
+        proc.reap_children()
+        if not os.path.exists(f"/proc/{pid}"):
+            return
+        time.sleep(0.01)
+
+
+def _warm(images: Path) -> None:
+    for f in images.iterdir():
+        with open(f, "rb") as fh:
+            while fh.read(16 << 20):
+                pass
+
+
+def _dd_read(images: Path) -> float:
+    total, t0 = 0, time.perf_counter()
+    for f in images.iterdir():
+        if f.stat().st_size >= 1 << 20:
+            subprocess.run(["dd", f"if={f}", "of=/dev/null", "bs=16M", "iflag=direct"], capture_output=True)
+            total += f.stat().st_size
+    return total / 1e9 / (time.perf_counter() - t0)
+
+
+def run(dir: Optional[str] = None, size_mb: int = 1024, repeat: int = 1,
+        progress: Optional[Callable[[str], Any]] = None) -> dict:
+    require_privilege("bench restore")
+    criu = find_criu()
+    proc.set_child_subreaper()
+    say = progress or (lambda s: None)
+    base = Path(dir) if dir else default_home() / "bench"
+    base.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="restore-", dir=base))
+    rows: list[dict] = []
+    try:
+        worker, sock = _start_worker(work, size_mb)
+        want = request(str(sock), "query 7")
+        snap = checkpoint(worker.pid, work / "snap")
+        worker.wait(timeout=30)
+        images = snap.path / "criu"
+        say(f"snapshot of a {size_mb} MiB worker: {snap.total_bytes / 2**20:.0f} MiB")
+        can_drop = drop_caches()
+        limit = _dd_read(images) if can_drop else None
+        for cache in (("cold", "warm") if can_drop else ("warm",)):
+            for method in METHODS:
+                for _ in range(repeat):
+                    if cache == "cold":
+                        drop_caches()
+                    else:
+                        _warm(images)
+                    t0 = time.perf_counter()
+                    if method.startswith("dynsnap"):
+                        mode = method.split("=")[1].rstrip(")")
+                        r = restore(snap.path, prefetch=mode)
+                        pid = r.pid
+                    else:
+                        logd = Path(tempfile.mkdtemp(dir=work))
+                        criu.run(["restore", "-D", str(images), "-W", str(logd), "-d"], log=logd / "r.log",
+                                 stage="restore")
+                        pid = snap.root_pid
+                    t_restore = time.perf_counter() - t0
+                    got = request(str(sock), "query 7")
+                    t_answer = time.perf_counter() - t0
+                    _gone(pid)
+                    row = {"cache": cache, "method": method, "restore_s": t_restore, "first_answer_s": t_answer,
+                           "ok": got == want, "gbps": snap.total_bytes / 1e9 / t_answer}
+                    rows.append(row)
+                    say(f"{cache:4} {method:30} {t_answer:6.2f} s {'ok' if row['ok'] else 'WRONG ANSWER'}")
+        for r in rows:
+            base_row = next(x for x in rows if x["cache"] == r["cache"] and x["method"] == METHODS[2])
+            r["vs_baseline"] = base_row["first_answer_s"] / r["first_answer_s"]
+            r["vs_limit"] = (r["gbps"] / limit) if limit and r["cache"] == "cold" else None
+        return {"machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "criu": criu.version_str,
+                            "date": time.strftime("%Y-%m-%d")},
+                "image_bytes": snap.total_bytes, "state_mb": size_mb, "disk_read_gbps": limit, "rows": rows}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def format_table(res: dict) -> str:
+    m = res["machine"]
+    lim = res["disk_read_gbps"]
+    out = [f"{m['date']}: {m['cpus']} CPUs, Linux {m['kernel']}, CRIU {m['criu']}; image "
+           f"{res['image_bytes'] / 2**20:.0f} MiB; disk O_DIRECT read (dd 16 MiB) "
+           + (f"{lim:.2f} GB/s" if lim else "not measured (no drop_caches)"), "",
+           "| cache | method | restore | first answer | GB/s | vs baseline | vs disk | same answer |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        vl = f"{r['vs_limit']:.2f}" if r.get("vs_limit") else ""
+        out.append(f"| {r['cache']} | {r['method']} | {r['restore_s']:.2f} s | {r['first_answer_s']:.2f} s | "
+                   f"{r['gbps']:.2f} | {r['vs_baseline']:.2f}x | {vl} | {'yes' if r['ok'] else 'NO'} |")
+    return "\n".join(out)
