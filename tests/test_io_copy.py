@@ -120,6 +120,23 @@ def test_many_small_files_keep_queue_full(engine, ext4_dir):
         assert (ext4_dir / "dst" / f.path).read_bytes() == data[f.path]
 
 
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "buffered"])
+def test_default_blocks_huge_page_pool(engine, ext4_dir, direct):
+    """Default 4 MiB blocks: the pool is >= 2 MiB, 2 MiB-aligned and madvised for huge pages."""
+    src = ext4_dir / "src"
+    src.mkdir()
+    sizes = SIZES + [(4 << 20) - 1, 4 << 20, (4 << 20) + 1, 9 * (1 << 20) + 4097]
+    sizes += [(i * 65537) % 300_000 for i in range(24)]
+    data = {f"f{i:03d}": make_file(src / f"f{i:03d}", size) for i, size in enumerate(sizes)}
+    res = io.copy_tree(src, ext4_dir / "dst", engine=engine, direct=direct, queue_depth=4)
+    assert res.bytes == sum(map(len, data.values())) and len(res.files) == len(data)
+    for f in res.files:
+        content = (ext4_dir / "dst" / f.path).read_bytes()
+        assert content == data[f.path]
+        assert f.xxh3 == xxhash.xxh3_64_hexdigest(content)
+        assert io.hash_file(ext4_dir / "dst" / f.path, engine=engine, direct=direct).xxh3 == f.xxh3
+
+
 def test_empty_tree_and_empty_dst_dir(engine, ext4_dir):
     (ext4_dir / "src").mkdir()
     (ext4_dir / "dst").mkdir()

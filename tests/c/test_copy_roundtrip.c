@@ -74,7 +74,9 @@ int main(void)
 			continue;
 		}
 		for (d = 0; d <= 1; d++) {
-			if (one(dir, b, d, 0, 0) || one(dir, b, d, 4096, 3) || one(dir, b, d, 65536, 1)) {
+			/* 0, 0: the default 64 MiB pool and (1 MiB, 2): exactly 2 MiB, both huge-page aligned */
+			if (one(dir, b, d, 0, 0) || one(dir, b, d, 4096, 3) || one(dir, b, d, 65536, 1) ||
+			    one(dir, b, d, 1u << 20, 2)) {
 				fprintf(stderr, "FAIL backend %s direct %d\n", ds_io_backend_name(b), d);
 				t_rmrf(dir);
 				return T_FAIL;
