@@ -10,6 +10,8 @@ from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = sorted(os.path.join("csrc", f) for f in os.listdir(os.path.join(HERE, "csrc")) if f.endswith(".c"))
+HEADERS = sorted(os.path.join(d, f) for d, _, fs in os.walk(os.path.join("csrc")) for f in fs if f.endswith(".h"))
+DEPENDS = CSRC + HEADERS          # relink the modules whenever the C core changes
 STRICT = ["-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-D_GNU_SOURCE"]
 
 
@@ -51,6 +53,7 @@ io_ext = Extension(
     libraries=["uring", "aio"],
     extra_compile_args=["-O2", "-D_GNU_SOURCE", "-Wno-unused-function"],
     extra_link_args=LINK,
+    depends=DEPENDS,
 )
 memfd_ext = Extension(  # parallel memfd restoration (issue 4): same C sources and flags as _io
     "dynsnap_core._lib._memfd",
@@ -60,6 +63,7 @@ memfd_ext = Extension(  # parallel memfd restoration (issue 4): same C sources a
     libraries=["uring", "aio"],
     extra_compile_args=["-O2", "-D_GNU_SOURCE", "-Wno-unused-function"],
     extra_link_args=LINK,
+    depends=DEPENDS,
 )
 STRICT_SOURCES = {"dynsnap_core._lib._io": CSRC, "dynsnap_core._lib._memfd": CSRC}
 
