@@ -397,7 +397,7 @@ static int run(struct copy *c)
 				if (!ret)
 					ret = __ds_backend_submit(&c->b);
 				if (ret)
-					return ret < 0 && !c->e->errmsg[0]
+					return ret < 0 && !c->e->err.msg[0]
 						? __ds_fail(e, ret, "submit", NULL, "%s", ds_io_backend_name(c->b.kind)) : ret;
 			}
 		}
@@ -449,7 +449,7 @@ static int copy_or_hash(struct ds_io_engine *e, size_t n, const char *const *src
 	int ret;
 
 	memset(&c, 0, sizeof(c));
-	e->errmsg[0] = e->errop[0] = e->errpath[0] = 0;
+	e->err.msg[0] = e->err.op[0] = e->err.path[0] = 0;
 	c.e = e;
 	c.n = n;
 	c.src = src;

@@ -41,9 +41,9 @@ void ds_io_engine_destroy(struct ds_io_engine *e)
 	free(e);
 }
 
-const char *ds_io_engine_errmsg(const struct ds_io_engine *e) { return e->errmsg; }
-const char *ds_io_engine_errop(const struct ds_io_engine *e) { return e->errop; }
-const char *ds_io_engine_errpath(const struct ds_io_engine *e) { return e->errpath; }
+const char *ds_io_engine_errmsg(const struct ds_io_engine *e) { return e->err.msg; }
+const char *ds_io_engine_errop(const struct ds_io_engine *e) { return e->err.op; }
+const char *ds_io_engine_errpath(const struct ds_io_engine *e) { return e->err.path; }
 int ds_io_engine_backend(const struct ds_io_engine *e) { return e->backend_used; }
 
 void ds_io_engine_counters(const struct ds_io_engine *e, struct ds_io_counters *out)
@@ -81,24 +81,11 @@ int ds_io_backend_probe(int backend)
 
 int __ds_fail(struct ds_io_engine *e, int err, const char *op, const char *path, const char *fmt, ...)
 {
-	char buf[256], detail[256];
-	const char *text;
 	va_list ap;
 
-	/* keep the first failure: later ones are usually its consequences */
-	if (e->errmsg[0])
-		return err;
-	text = strerror_r(-err, buf, sizeof(buf));
-	detail[0] = 0;
-	if (fmt) {
-		va_start(ap, fmt);
-		vsnprintf(detail, sizeof(detail), fmt, ap);
-		va_end(ap);
-	}
-	snprintf(e->errop, sizeof(e->errop), "%s", op);
-	snprintf(e->errpath, sizeof(e->errpath), "%s", path ? path : "");
-	snprintf(e->errmsg, sizeof(e->errmsg), "%s%s%s: %s%s%s", op, path ? " " : "", path ? path : "",
-		 detail[0] ? detail : text, detail[0] ? " - " : "", detail[0] ? text : "");
+	va_start(ap, fmt);
+	__ds_err_vset(&e->err, err, op, path, fmt, ap);
+	va_end(ap);
 	return err;
 }
 

@@ -2,6 +2,7 @@
 #ifndef DYNSNAP_ENGINE_H
 #define DYNSNAP_ENGINE_H
 
+#include "err.h"
 #include <libaio.h>
 #include <liburing.h>
 #include <stdarg.h>
@@ -12,9 +13,7 @@ struct ds_io_engine {
 	struct ds_io_config cfg;
 	int backend_used;
 	struct ds_io_counters cnt;
-	char errop[32];
-	char errpath[4096];
-	char errmsg[512 + 4096];
+	struct __ds_err err;   /* first failure: op, path, message */
 };
 
 /* One completed request: tag as given to __ds_backend_prep, res = bytes or -errno. */

@@ -14,6 +14,7 @@
 #define XXH_INLINE_ALL
 #include <xxhash.h>
 
+#include "err.h"
 #include "dynsnap/memfd.h"
 
 #ifndef MADV_POPULATE_WRITE
@@ -37,9 +38,7 @@ struct ds_memfd_ctx {
 	struct ds_memfd_config cfg;
 	struct ds_memfd_counters cnt;
 	pthread_mutex_t lock;        /* guards the error fields (threads report failures) */
-	char errop[32];
-	char errpath[4096];
-	char errmsg[512 + 4096];
+	struct __ds_err err;   /* first failure: op, path, message (under lock) */
 };
 
 enum { __DS_FILL, __DS_DUMP, __DS_HASH, __DS_COPY };
@@ -76,26 +75,12 @@ static int __ds_mfail(struct ds_memfd_ctx *c, int err, const char *op, const cha
 
 static int __ds_mfail(struct ds_memfd_ctx *c, int err, const char *op, const char *path, const char *fmt, ...)
 {
-	char buf[256], detail[256];
-	const char *text;
 	va_list ap;
 
 	pthread_mutex_lock(&c->lock);
-	if (c->errmsg[0]) {     /* keep the first failure: later ones are usually its consequences */
-		pthread_mutex_unlock(&c->lock);
-		return err;
-	}
-	text = strerror_r(-err, buf, sizeof(buf));
-	detail[0] = 0;
-	if (fmt) {
-		va_start(ap, fmt);
-		vsnprintf(detail, sizeof(detail), fmt, ap);
-		va_end(ap);
-	}
-	snprintf(c->errop, sizeof(c->errop), "%s", op);
-	snprintf(c->errpath, sizeof(c->errpath), "%s", path ? path : "");
-	snprintf(c->errmsg, sizeof(c->errmsg), "%s%s%s: %s%s%s", op, path ? " " : "", path ? path : "",
-		 detail[0] ? detail : text, detail[0] ? " - " : "", detail[0] ? text : "");
+	va_start(ap, fmt);
+	__ds_err_vset(&c->err, err, op, path, fmt, ap);
+	va_end(ap);
 	pthread_mutex_unlock(&c->lock);
 	return err;
 }
@@ -149,9 +134,9 @@ void ds_memfd_ctx_destroy(struct ds_memfd_ctx *c)
 	free(c);
 }
 
-const char *ds_memfd_ctx_errmsg(const struct ds_memfd_ctx *c) { return c->errmsg; }
-const char *ds_memfd_ctx_errop(const struct ds_memfd_ctx *c) { return c->errop; }
-const char *ds_memfd_ctx_errpath(const struct ds_memfd_ctx *c) { return c->errpath; }
+const char *ds_memfd_ctx_errmsg(const struct ds_memfd_ctx *c) { return c->err.msg; }
+const char *ds_memfd_ctx_errop(const struct ds_memfd_ctx *c) { return c->err.op; }
+const char *ds_memfd_ctx_errpath(const struct ds_memfd_ctx *c) { return c->err.path; }
 unsigned ds_memfd_ctx_threads(const struct ds_memfd_ctx *c) { return c->cfg.threads; }
 
 void ds_memfd_ctx_counters(const struct ds_memfd_ctx *c, struct ds_memfd_counters *out)
