@@ -45,27 +45,18 @@ class BuildExt(build_ext):
 
 
 INC, LIBDIRS, LINK = deps()
-io_ext = Extension(
-    "dynsnap_core._lib._io",
-    sources=["bindings/_io.pyx"],
-    include_dirs=["csrc/include", "csrc"] + INC,
-    library_dirs=LIBDIRS,
-    libraries=["uring", "aio"],
-    extra_compile_args=["-O2", "-D_GNU_SOURCE", "-Wno-unused-function"],
-    extra_link_args=LINK,
-    depends=DEPENDS,
-)
-memfd_ext = Extension(  # parallel memfd restoration (issue 4): same C sources and flags as _io
-    "dynsnap_core._lib._memfd",
-    sources=["bindings/_memfd.pyx"],
-    include_dirs=["csrc/include", "csrc"] + INC,
-    library_dirs=LIBDIRS,
-    libraries=["uring", "aio"],
-    extra_compile_args=["-O2", "-D_GNU_SOURCE", "-Wno-unused-function"],
-    extra_link_args=LINK,
-    depends=DEPENDS,
-)
-STRICT_SOURCES = {"dynsnap_core._lib._io": CSRC, "dynsnap_core._lib._memfd": CSRC}
+
+
+def c_core_extension(name: str, pyx: str) -> Extension:
+    """A Cython module linked with the whole C core (csrc/*.c, compiled with the strict flags)."""
+    return Extension(name, sources=[pyx], include_dirs=["csrc/include", "csrc"] + INC, library_dirs=LIBDIRS,
+                     libraries=["uring", "aio"], extra_compile_args=["-O2", "-D_GNU_SOURCE", "-Wno-unused-function"],
+                     extra_link_args=LINK, depends=DEPENDS)
+
+
+io_ext = c_core_extension("dynsnap_core._lib._io", "bindings/_io.pyx")            # the I/O engine
+memfd_ext = c_core_extension("dynsnap_core._lib._memfd", "bindings/_memfd.pyx")   # parallel memfd restoration
+STRICT_SOURCES = {io_ext.name: CSRC, memfd_ext.name: CSRC}
 
 probe_ext = Pybind11Extension(
     "dynsnap_core._lib._cudaprobe",
