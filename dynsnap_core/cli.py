@@ -148,46 +148,26 @@ def cmd_demo(a) -> int:
 
 
 def cmd_bench(a) -> int:
-    if a.what == "io":
-        from . import bench_io
-        rep = Reporter(quiet=a.json)
-        res = bench_io.run(a.dir or os.getcwd(), size_mb=a.size_mb)
-        rep.finish()
-        if a.json:
-            _emit_json(res)
-        else:
-            print(bench_io.format_table(res))
-        return 0
-    if a.what == "memfd":
-        from . import bench_memfd
-        res = bench_memfd.run(a.dir or None, size_mb=a.size_mb,
-                              threads=a.threads, cold=not a.no_cold,
-                              progress=None if a.json else (lambda s: print(s, file=sys.stderr, flush=True)))
-        if a.json:
-            _emit_json(res)
-        else:
-            print(bench_memfd.format_table(res))
-        return 0
-    if a.what == "weights":
-        from . import bench_weights
-        sizes = [float(x) for x in (a.sizes or "1.2,16").split(",") if x.strip()]
-        res = bench_weights.run(sizes, dir=a.dir or "/var/tmp", cold=not a.no_cold,
-                                progress=None if a.json else (lambda s: print(s, file=sys.stderr, flush=True)))
-        if a.json:
-            _emit_json(res)
-        else:
-            print(bench_weights.format_table(res))
-        return 0
-    if a.what == "restore":
-        from . import bench_restore
-        res = bench_restore.run(a.dir or None, size_mb=a.size_mb,
-                                progress=None if a.json else (lambda s: print(s, file=sys.stderr, flush=True)))
-        if a.json:
-            _emit_json(res)
-        else:
-            print(bench_restore.format_table(res))
-        return 0
-    raise DynsnapError(f"unknown benchmark {a.what!r}", stage="bench")
+    """Each benchmark module has run(...) -> dict and format_table(dict) -> str; progress goes to stderr."""
+    import importlib
+    say = None if a.json else (lambda s: print(s, file=sys.stderr, flush=True))
+    runs = {
+        "io": lambda m: m.run(a.dir or os.getcwd(), size_mb=a.size_mb),
+        "memfd": lambda m: m.run(a.dir or None, size_mb=a.size_mb, threads=a.threads, cold=not a.no_cold,
+                                 progress=say),
+        "weights": lambda m: m.run([float(x) for x in (a.sizes or "1.2,16").split(",") if x.strip()],
+                                   dir=a.dir or "/var/tmp", cold=not a.no_cold, progress=say),
+        "restore": lambda m: m.run(a.dir or None, size_mb=a.size_mb, progress=say),
+    }
+    if a.what not in runs:
+        raise DynsnapError(f"unknown benchmark {a.what!r}", stage="bench")
+    module = importlib.import_module(f"dynsnap_core.bench_{a.what}")
+    res = runs[a.what](module)
+    if a.json:
+        _emit_json(res)
+    else:
+        print(module.format_table(res))
+    return 0
 
 
 def cmd_weights(a) -> int:
