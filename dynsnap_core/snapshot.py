@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Optional
 from . import manifest as mf
 from . import proc
 from .criu import find_criu, require_privilege
+from .guardian import Guardian
 from .errors import (CriuError, CudaDeviceMismatch, CudaUnavailable, DynsnapError, InvalidTarget, SnapshotCorrupt,
                      SnapshotExists,
                      SnapshotNotFound, StorageError)
@@ -146,25 +147,26 @@ def open_snapshot(path: str | os.PathLike) -> Snapshot:
     return Snapshot(p, mf.read(p))
 
 
-def _staging_owner_dead(name: str) -> bool:
-    try:
-        pid = int(name.rsplit(".", 1)[1])
-    except (IndexError, ValueError):
-        return False
-    return not proc.exists(pid)
-
-
 def clean_stale_staging(parent: Path) -> list[Path]:
-    """Remove staging directories left by a dynsnap that was killed (owner pid no longer alive)."""
+    """Remove staging left by a dynsnap that was killed (its pid no longer alive): hidden staging directories
+    next to snapshots in ``parent``, and CRIU dump / restore prefetch directories in tmpfs."""
     removed = []
-    try:
-        entries = list(parent.iterdir())
-    except OSError:
-        return removed
-    for e in entries:
-        if STAGING_TAG in e.name and _staging_owner_dead(e.name):
-            shutil.rmtree(e, ignore_errors=True)
-            removed.append(e)
+    places: list[tuple[Path, Callable[[str], Optional[str]]]] = [
+        (parent, lambda n: n.rsplit(".", 1)[1] if STAGING_TAG in n else None)]
+    tmpfs = _tmpfs_dir()
+    if tmpfs is not None:
+        places.append((tmpfs, lambda n: n.split("-")[2] if n.startswith(("dynsnap-dump-", "dynsnap-restore-"))
+                       else None))
+    for where, owner in places:
+        try:
+            entries = list(where.iterdir())
+        except OSError:
+            continue
+        for e in entries:
+            pid = owner(e.name)
+            if pid is not None and pid.isdigit() and not proc.exists(int(pid)):
+                shutil.rmtree(e, ignore_errors=True)
+                removed.append(e)
     return removed
 
 
@@ -251,6 +253,7 @@ def checkpoint(pid: int, out: str | os.PathLike | None = None, *, leave_running:
     staging = parent / f".{out.name}{STAGING_TAG}{os.getpid()}"
     dump_dir: Optional[Path] = None
     resumer: Optional[_Resumer] = None
+    guardian = Guardian(pids)          # continues the tree if this process is killed while it is frozen
     t_freeze = time.perf_counter()
     cuda_tree = None
     frozen = False
@@ -275,6 +278,7 @@ def checkpoint(pid: int, out: str | os.PathLike | None = None, *, leave_running:
                         log(f"image estimate: host RSS {rss / 2**30:.2f} GiB + GPU {gpu_bytes / 2**30:.2f} GiB "
                             f"in {len(cpids)} CUDA process(es)")
                     cuda_tree = cuda.CudaTree(cpids, timeout_ms=cuda_lock_timeout_ms)
+                    guardian.cuda(cpids)
                     if progress:
                         progress("gpu checkpoint", 0, 1)
                     cuda_tree.lock_all()
@@ -343,12 +347,17 @@ def checkpoint(pid: int, out: str | os.PathLike | None = None, *, leave_running:
     finally:
         if dump_dir is not None and not str(dump_dir).startswith(str(staging)):
             shutil.rmtree(dump_dir, ignore_errors=True)
+        if not committed:
+            guardian.done()
     # The snapshot is durable. Now finish the tree's fate.
-    if resumer is not None:
-        resumer.wait(raise_errors=True)
-        manifest["timings"].update(resumer.timings)
-    else:
-        proc.kill_tree(pids, signal.SIGKILL)
+    try:
+        if resumer is not None:
+            resumer.wait(raise_errors=True)
+            manifest["timings"].update(resumer.timings)
+        else:
+            proc.kill_tree(pids, signal.SIGKILL)
+    finally:
+        guardian.done()
     return Snapshot(out, manifest)
 
 
