@@ -12,10 +12,11 @@ from .errors import (CriuError, CriuUnavailable, CudaError, DynsnapError, Invali
                      PermissionDenied, ProcessNotFound, SnapshotCorrupt, SnapshotExists, SnapshotNotFound,
                      StorageError)
 from .snapshot import (RestoredProcess, Snapshot, checkpoint, list_snapshots, open_snapshot,  # noqa: F401
-                       restore)
+                       remove, restore)
 
 __all__ = [
-    "__version__", "checkpoint", "restore", "open_snapshot", "list_snapshots", "Snapshot", "RestoredProcess",
+    "__version__", "checkpoint", "restore", "remove", "open_snapshot", "list_snapshots", "Snapshot",
+    "RestoredProcess",
     "DynsnapError", "PermissionDenied", "ProcessNotFound", "InvalidTarget", "CriuUnavailable", "CriuError",
     "SnapshotExists", "SnapshotNotFound", "SnapshotCorrupt", "StorageError", "CudaError",
 ]

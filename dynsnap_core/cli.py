@@ -120,6 +120,15 @@ def cmd_inspect(a) -> int:
     return 0
 
 
+def cmd_rm(a) -> int:
+    from .snapshot import remove
+    for target in a.snapshots:
+        p = remove(target, force=a.force)
+        if not a.quiet:
+            print(f"removed {p}")
+    return 0
+
+
 def cmd_list(a) -> int:
     from .snapshot import list_snapshots, snapshots_root
     rows = list_snapshots(Path(a.root) if a.root else None)
@@ -249,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("path")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_inspect)
+
+    s = sub.add_parser("rm", help="delete snapshots (atomically invisible, then removed)")
+    s.add_argument("snapshots", nargs="+", metavar="SNAPSHOT")
+    s.add_argument("--force", action="store_true", help="also remove a damaged snapshot (manifest unreadable)")
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.set_defaults(fn=cmd_rm)
 
     s = sub.add_parser("list", help="list snapshots with size, age and source command")
     s.add_argument("--root", help="directory holding snapshots (default: $DYNSNAP_HOME/snapshots)")

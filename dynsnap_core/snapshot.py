@@ -23,7 +23,7 @@ from .errors import (CriuError, CudaDeviceMismatch, CudaUnavailable, DynsnapErro
                      SnapshotExists,
                      SnapshotNotFound, StorageError)
 
-__all__ = ["Snapshot", "RestoredProcess", "checkpoint", "restore", "open_snapshot", "list_snapshots",
+__all__ = ["Snapshot", "RestoredProcess", "checkpoint", "restore", "open_snapshot", "list_snapshots", "remove",
            "default_home", "Interrupted"]
 
 STAGING_TAG = ".dynsnap-staging."
@@ -119,6 +119,10 @@ class Snapshot:
 
     def restore(self, **kw) -> "RestoredProcess":
         return restore(self.path, **kw)
+
+    def remove(self) -> None:
+        """Delete this snapshot (it disappears atomically, then its files are removed)."""
+        remove(self.path)
 
     def to_dict(self) -> dict:
         return {"path": str(self.path), **self.manifest}
@@ -640,6 +644,28 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
     if os.environ.get("DYNSNAP_KEEP_LOGS") is None:
         shutil.rmtree(work, ignore_errors=True)
     return RestoredProcess(rpid, snap, timings)
+
+
+def remove(path: str | os.PathLike, *, force: bool = False) -> Path:
+    """Delete a snapshot: it disappears at once (renamed to hidden staging), then its files are removed.
+
+    Refuses a directory that is not a dynsnap snapshot unless ``force`` is set and it at least holds a
+    manifest.json (a damaged snapshot); never deletes anything else.
+    """
+    p = resolve(path).absolute()
+    if not p.is_dir():
+        raise SnapshotNotFound(f"no snapshot at {p}", stage="remove", path=str(p))
+    try:
+        mf.read(p)
+    except SnapshotCorrupt as e:
+        if not (force and (p / mf.MANIFEST_NAME).exists()):
+            raise SnapshotCorrupt(f"refusing to remove {p}: {e.message}" + ("" if force else " (use --force for a "
+                                  "damaged snapshot)"), stage="remove", path=str(p)) from None
+    doomed = p.parent / f".{p.name}{STAGING_TAG}{os.getpid()}"
+    os.rename(p, doomed)
+    mf.fsync_dir(p.parent)
+    shutil.rmtree(doomed, ignore_errors=True)
+    return p
 
 
 def list_snapshots(root: Optional[Path] = None) -> list[dict]:

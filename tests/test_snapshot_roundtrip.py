@@ -113,3 +113,29 @@ def test_default_home_list_inspect_verify(workload, tmp_path, home):
     assert f"pid {w.pid}" in r.stdout and "xxh3-64" in r.stdout
     r = cli("inspect", os.path.join(path, "criu", "core-%d.img" % w.pid), "--json")
     assert json.loads(r.stdout)["kind"] == "criu image"
+
+
+def test_rm(workload, tmp_path, home):
+    w = workload()
+    r = cli("checkpoint", "--pid", w.pid, "--leave-running", "--json")
+    path = json.loads(r.stdout)["path"]
+    name = os.path.basename(path)
+    r = cli("rm", name)
+    assert r.returncode == 0 and r.stdout == f"removed {path}\n" and not os.path.exists(path)
+    assert os.listdir(home / "snapshots") == []
+    r = cli("rm", name)
+    assert r.returncode == 1 and r.stderr == f"dynsnap rm: no snapshot at {os.path.abspath(name)}\n"
+    other = tmp_path / "not-a-snapshot"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    r = cli("rm", other, "--force")
+    assert r.returncode == 1 and r.stderr.startswith(f"dynsnap rm: refusing to remove {other}: ")
+    assert (other / "keep.txt").read_text() == "mine"
+    # A damaged snapshot goes only with --force.
+    import dynsnap_core as ds
+    snap = ds.checkpoint(w.pid, tmp_path / "snap", leave_running=True)
+    (snap.path / "manifest.json").write_text("{broken")
+    r = cli("rm", snap.path)
+    assert r.returncode == 1 and "(use --force for a damaged snapshot)" in r.stderr
+    assert cli("rm", snap.path, "--force").returncode == 0 and not snap.path.exists()
+    assert w.alive()
