@@ -20,14 +20,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests", "gpu"))
 
-from gpu_helpers import Worker, find_key, json_out, reap, run_cli, subreaper  # noqa: E402
+from gpu_helpers import Worker, find_key, json_out, run_cli, subreaper  # noqa: E402
 
 PHASES_CKPT = ["lock", "gpu_checkpoint", "criu_dump", "persist", "checkpoint_total"]
 PHASES_REST = ["criu_restore", "gpu_restore", "unlock", "restore_total", "first_answer"]
@@ -269,7 +269,7 @@ def main() -> int:
     print()
     print("== table ==")
     print(table(rows))
-    print(f"limits: " + ", ".join(f"{k} {v:.1f}" for k, v in lim.items())
+    print("limits: " + ", ".join(f"{k} {v:.1f}" for k, v in lim.items())
           + f"; child CPU time {cpu:.1f} s; base/dyn > 1 means dynsnap is faster")
     if args.json:
         with open(args.json, "w") as f:

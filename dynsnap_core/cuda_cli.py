@@ -13,7 +13,7 @@ __all__ = ["main"]
 
 PROG = "dynsnap cuda-checkpoint"
 
-HELP = f"""CUDA checkpoint and restore utility (dynsnap, on the CUDA driver's checkpoint API).
+HELP = """CUDA checkpoint and restore utility (dynsnap, on the CUDA driver's checkpoint API).
 
 Operations:
 --get-state --pid <pid>

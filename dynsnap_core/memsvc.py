@@ -22,7 +22,6 @@ and run the service's memfd restore and CRIU's restore at the same time.
 """
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
