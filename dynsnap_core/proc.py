@@ -41,6 +41,13 @@ def session_id(pid: int) -> int:
     return int(_stat_fields(pid)[3])
 
 
+def parent(pid: int) -> Optional[int]:
+    try:
+        return int(_stat_fields(pid)[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def children(pid: int) -> list[int]:
     kids: list[int] = []
     try:

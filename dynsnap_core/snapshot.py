@@ -576,9 +576,13 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
     _check_devices(m)
     mf.check_sizes(snap.path, m)
     pid = m["root_pid"]
-    if proc.exists(pid):
-        raise DynsnapError(f"pid {pid} is in use by a running process ({proc.comm(pid)}); a snapshot restores "
-                           "with its original pids, so stop that process first", stage="restore", pid=pid)
+    for p in m.get("pids") or [pid]:
+        if proc.exists(p):
+            raise DynsnapError(f"pid {p} is in use by a running process ({proc.comm(p)}); a snapshot restores "
+                               "with its original pids, so stop that process first", stage="restore", pid=p)
+        if proc.state(p) == "Z":
+            raise DynsnapError(f"pid {p} is held by a zombie that its parent (pid {proc.parent(p)}) has not "
+                               "reaped yet; a snapshot restores with its original pids", stage="restore", pid=p)
     log_dir = Path(log_dir) if log_dir else default_home() / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")

@@ -72,6 +72,8 @@ class Workload:
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log, start_new_session=True)
         self.pid = self.popen.pid
         wait_ready(self.popen, self.ready, tmp / "workload.log", "workload failed to start")
+        from dynsnap_core.proc import tree
+        self.tree_pids = tree(self.pid)
 
     def request(self, what: str = "check", timeout: float = 30) -> dict:
         return request_json(self.sock, what, timeout)
@@ -85,11 +87,19 @@ class Workload:
         return state(self.pid)
 
     def reap_original(self) -> None:
-        """The original child must be reaped so that a restore can take its pid back."""
+        """The original tree must be reaped so that a restore can take its pids back: the root is our child,
+        its children were re-parented to us (the test runner is a subreaper)."""
+        from dynsnap_core.proc import reap_children
         try:
             self.popen.wait(timeout=30)
         except subprocess.TimeoutExpired:
             pass
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            reap_children()
+            if not any(os.path.exists(f"/proc/{p}") for p in self.tree_pids):
+                return
+            time.sleep(0.01)
 
     def kill(self) -> None:
         kill_proc(self.popen)

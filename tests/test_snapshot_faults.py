@@ -251,3 +251,23 @@ def test_commit_never_replaces(tmp_path):
     dst.rmdir()
     _rename_noreplace(src, dst)
     assert (dst / "manifest.json").exists() and not src.exists()
+
+
+def test_restore_refuses_zombie_held_pid(workload, tmp_path):
+    """A pid of the snapshot held by an unreaped zombie is named, with its parent, before CRIU runs."""
+    w = workload("--child")
+    child = [p for p in w.tree_pids if p != w.pid][0]
+    out = tmp_path / "snap"
+    assert cli("checkpoint", "--pid", w.pid, "--out", out).returncode == 0
+    w.popen.wait(timeout=30)                   # the root is reaped; its child is now our unreaped zombie
+    end = time.monotonic() + 10
+    while Path(f"/proc/{child}/stat").exists() and Path(f"/proc/{child}/stat").read_text().split()[2] != "Z":
+        assert time.monotonic() < end
+        time.sleep(0.01)
+    r = cli("restore", out)
+    assert one_line(r, "restore") == (f"pid {child} is held by a zombie that its parent (pid {os.getpid()}) has "
+                                      "not reaped yet; a snapshot restores with its original pids")
+    w.reap_original()
+    r = cli("restore", out)
+    assert r.returncode == 0, r.stderr
+    assert w.request()["child"]["ok"]

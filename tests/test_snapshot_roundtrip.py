@@ -16,6 +16,7 @@ FEATURES = {
     "threads": ("--threads", "6"),
     "pipe": ("--pipe",),
     "memfd": ("--memfd",),
+    "child": ("--child",),
 }
 
 
@@ -47,6 +48,9 @@ def test_round_trip_cli(feature, workload, tmp_path, home):
         assert after["mem"]["sha256"] == before["mem"]["sha256"]
     if feature == "threads":
         assert after["threads"]["alive"] == 6 and after["threads"]["ticks"] > before["threads"]["ticks"]
+    if feature == "child":
+        # The whole tree came back: the child keeps its pid and still talks over the inherited pipes.
+        assert after["child"]["pid"] == before["child"]["pid"] and os.path.exists(f"/proc/{after['child']['pid']}")
 
 
 def test_round_trip_file_and_listening_socket(workload, tmp_path, home):

@@ -21,6 +21,7 @@ ap.add_argument("--pipe", action="store_true")
 ap.add_argument("--memfd", action="store_true")
 ap.add_argument("--file")
 ap.add_argument("--io-uring", action="store_true", help="hold an io_uring instance (CRIU cannot dump it)")
+ap.add_argument("--child", action="store_true", help="fork a child that echoes over a pair of pipes")
 a = ap.parse_args()
 
 state = {}
@@ -90,6 +91,30 @@ if a.file:
         want = "".join(f"line {i}\n" for i in range(lines[0]))
         return {"ok": got == want, "lines": lines[0], "pos": f.tell()}
     state["file"] = file_check
+
+if a.child:
+    to_child_r, to_child_w = os.pipe()
+    from_child_r, from_child_w = os.pipe()
+    child = os.fork()
+    if child == 0:                       # the child: echo each 8-byte token back, doubled, forever
+        os.close(to_child_w)
+        os.close(from_child_r)
+        while True:
+            tok = os.read(to_child_r, 8)
+            if not tok:
+                os._exit(0)
+            os.write(from_child_w, tok + tok)
+    os.close(to_child_r)
+    os.close(from_child_w)
+
+    def child_check():
+        tok = os.urandom(8)
+        os.write(to_child_w, tok)
+        got = b""
+        while len(got) < 16:
+            got += os.read(from_child_r, 16 - len(got))
+        return {"ok": got == tok + tok, "pid": child}
+    state["child"] = child_check
 
 if a.io_uring:
     import ctypes
