@@ -41,18 +41,18 @@ def cmd_doctor(a) -> int:
 
 def cmd_checkpoint(a) -> int:
     from .snapshot import checkpoint
-    rep = Reporter(quiet=a.json)
-    kw = dict(leave_running=a.leave_running, cuda_lock_timeout_ms=a.timeout_ms, progress=rep.update, log=rep.say)
-    if a.memsvc:
-        from .memsvc import checkpoint_with_regions
-        if not a.regions:
-            raise DynsnapError("--memsvc needs --regions NAME[,NAME...]: the regions to keep outside the image",
-                               stage="preflight")
-        snap = checkpoint_with_regions(a.pid, a.out, service=a.memsvc, regions=a.regions.split(","),
-                                       store=a.weights_store, **kw)
-    else:
-        snap = checkpoint(a.pid, a.out, **kw)
-    rep.finish()
+    with Reporter(quiet=a.json) as rep:
+        kw = dict(leave_running=a.leave_running, cuda_lock_timeout_ms=a.timeout_ms, progress=rep.update,
+                  log=rep.say)
+        if a.memsvc:
+            from .memsvc import checkpoint_with_regions
+            if not a.regions:
+                raise DynsnapError("--memsvc needs --regions NAME[,NAME...]: the regions to keep outside the "
+                                   "image", stage="preflight")
+            snap = checkpoint_with_regions(a.pid, a.out, service=a.memsvc, regions=a.regions.split(","),
+                                           store=a.weights_store, **kw)
+        else:
+            snap = checkpoint(a.pid, a.out, **kw)
     m = snap.manifest
     if a.json:
         _emit_json({"path": str(snap.path), "pid": m["root_pid"], "bytes": m["total_bytes"],
@@ -79,14 +79,13 @@ def _parse_device_map(text: Optional[str]) -> Optional[dict]:
 
 def cmd_restore(a) -> int:
     from .snapshot import restore
-    rep = Reporter(quiet=a.json)
-    kw = dict(verify=not a.no_verify, device_map=_parse_device_map(a.device_map), progress=rep.update)
-    if a.memsvc:
-        from .memsvc import restore_with_regions
-        r = restore_with_regions(a.dir, service=a.memsvc, store=a.weights_store, **kw)
-    else:
-        r = restore(a.dir, **kw)
-    rep.finish()
+    with Reporter(quiet=a.json) as rep:
+        kw = dict(verify=not a.no_verify, device_map=_parse_device_map(a.device_map), progress=rep.update)
+        if a.memsvc:
+            from .memsvc import restore_with_regions
+            r = restore_with_regions(a.dir, service=a.memsvc, store=a.weights_store, **kw)
+        else:
+            r = restore(a.dir, **kw)
     if a.json:
         _emit_json({"pid": r.pid, "snapshot": str(r.snapshot.path), "timings": r.timings, **r.timings})
     else:
@@ -96,11 +95,10 @@ def cmd_restore(a) -> int:
 
 def cmd_verify(a) -> int:
     from .snapshot import open_snapshot
-    rep = Reporter(quiet=a.json)
     t0 = time.perf_counter()
-    snap = open_snapshot(a.dir)
-    n = snap.verify(progress=rep.update)
-    rep.finish()
+    with Reporter(quiet=a.json) as rep:
+        snap = open_snapshot(a.dir)
+        n = snap.verify(progress=rep.update)
     dt = time.perf_counter() - t0
     if a.json:
         _emit_json({"path": str(snap.path), "ok": True, "files": len(snap.manifest["files"]), "bytes": n,

@@ -74,12 +74,12 @@ class Criu:
         return ".".join(str(v) for v in self.version)
 
     def run(self, args: Sequence[str], *, log: Path, stage: str, pid: Optional[int] = None,
-            timeout: Optional[float] = None, env: Optional[dict] = None) -> float:
+            timeout: Optional[float] = None, env: Optional[dict] = None, inherit_stdin: bool = False) -> float:
         """Run ``criu ARGS -o LOG -v4``; raise CriuError with one sentence on failure; return seconds."""
         cmd = [self.path, *args, "-o", str(log), "-v4"]
         t0 = time.perf_counter()
         try:
-            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            proc = subprocess.run(cmd, stdin=None if inherit_stdin else subprocess.DEVNULL, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True, timeout=timeout,
                                   env={**os.environ, **env} if env else None)
         except subprocess.TimeoutExpired:
@@ -152,6 +152,9 @@ _PATTERNS = [
     (re.compile(r"Connected TCP socket|tcp.*established", re.I),
      "the process has established TCP connections; close them before a checkpoint"),
     (re.compile(r"No space left on device"), "no space left on device"),
+    (re.compile(r"Don't have tty to inherit session from"),
+     "the snapshot is a shell job (its process had the terminal of the shell that started it), so it can only "
+     "be restored from a terminal; start workers detached (setsid, stdio redirected) to restore them anywhere"),
     (re.compile(r"Unable to seize.*No such process|No such process"), "the process exited during the checkpoint"),
 ]
 

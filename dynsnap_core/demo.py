@@ -153,10 +153,10 @@ def format_comparison(plain: dict, svc: dict) -> str:
 
 
 def main(mb: int = 512, keep: bool = False, as_json: bool = False, memsvc: bool = False, rounds: int = 4) -> int:
-    rep = Reporter(quiet=as_json)
-    res = run(mb=mb, keep=keep, rep=rep, rounds=rounds)
-    if memsvc:
-        with_svc = run(mb=mb, keep=keep, rep=rep, memsvc=True, rounds=rounds)
+    with Reporter(quiet=as_json) as rep:
+        res = run(mb=mb, keep=keep, rep=rep, rounds=rounds)
+        with_svc = run(mb=mb, keep=keep, rep=rep, memsvc=True, rounds=rounds) if memsvc else None
+    if with_svc is not None:
         if as_json:
             print(json.dumps({**res, "with_memsvc": with_svc}, indent=2, sort_keys=True))
         else:

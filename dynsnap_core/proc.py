@@ -150,6 +150,18 @@ def unsupported_resources(pids: list[int]) -> list[str]:
     return found
 
 
+def has_tty(pid: int) -> bool:
+    """Whether stdin, stdout or stderr of pid is a terminal."""
+    for fd in (0, 1, 2):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(("/dev/pts/", "/dev/tty")):
+            return True
+    return False
+
+
 def wait_stopped(pids: list[int], timeout: float = 5.0) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:

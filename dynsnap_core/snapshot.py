@@ -253,6 +253,8 @@ def checkpoint(pid: int, out: str | os.PathLike | None = None, *, leave_running:
     cmd = proc.cmdline(pid)
     rss = sum(proc.rss_bytes(p) for p in pids)
     shell_job = proc.session_id(pid) != pid
+    if log and proc.has_tty(pid):
+        log(f"note: pid {pid} has a terminal on its stdio; its snapshot can only be restored from a terminal")
 
     staging = parent / f".{out.name}{STAGING_TAG}{os.getpid()}"
     dump_dir: Optional[Path] = None
@@ -596,9 +598,18 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
         staged, timings["prefetch"] = _prefetch_tmpfs(snap, engine, verify)
         images = staged / "criu"
     args = ["restore", "-D", str(images), "-W", str(work), "-d", "--pidfile", str(pidfile),
-            "--file-locks", "--leave-stopped"]
+            "--file-locks"]
     if m.get("shell_job"):
+        # A shell job lands in our session; left stopped, it would be an orphaned stopped process group when
+        # CRIU exits, and the kernel would SIGHUP it. So verify first, then restore it running.
         args.append("--shell-job")
+        if verify and staged is None:
+            t0 = time.perf_counter()
+            mf.verify_files(snap.path, m, engine=engine, direct=False, threads=verify_threads)
+            timings["verify"] = time.perf_counter() - t0
+            verify = False
+    else:
+        args.append("--leave-stopped")
 
     pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dynsnap-verify")
     vfut = None
@@ -613,7 +624,9 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
     rpid: Optional[int] = None
     try:
         try:
-            timings["criu_restore"] = criu.run(args, log=work / "restore.log", stage="restore", pid=pid)
+            # A shell job re-attaches to a terminal: give CRIU ours when we have one.
+            timings["criu_restore"] = criu.run(args, log=work / "restore.log", stage="restore", pid=pid,
+                                               inherit_stdin=bool(m.get("shell_job")) and os.isatty(0))
         except CriuError:
             if vfut is not None:
                 vfut.result()          # a damaged snapshot explains a CRIU failure better than CRIU does

@@ -81,6 +81,12 @@ class Reporter:
         with self._lock:
             self._finish_locked()
 
+    def __enter__(self) -> "Reporter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.finish()          # also on errors: the live line must not outlive the command
+
     @contextmanager
     def step(self, phase: str) -> Iterator[None]:
         self.start(phase)

@@ -143,3 +143,55 @@ def test_rm(workload, tmp_path, home):
     assert r.returncode == 1 and "(use --force for a damaged snapshot)" in r.stderr
     assert cli("rm", snap.path, "--force").returncode == 0 and not snap.path.exists()
     assert w.alive()
+
+
+def test_shell_job_with_a_terminal(tmp_path, home):
+    """A worker started from a shell (terminal on stdio, in the shell's session) is a shell job: dynsnap says
+    so at checkpoint, refuses a restore without a terminal in one sentence, and restores it from one."""
+    import subprocess
+    import sys
+    import time
+
+    from helpers import HERE, wait_ready
+    master, slave = os.openpty()
+    sock, ready = tmp_path / "w.sock", tmp_path / "ready"
+    p = subprocess.Popen([sys.executable, str(HERE / "workloads" / "zdtm.py"), "--sock", str(sock), "--ready",
+                          str(ready)], stdin=slave, stdout=slave, stderr=slave)
+    try:
+        wait_ready(p, ready, tmp_path / "none.log", "shell-job workload failed to start")
+        out = tmp_path / "snap"
+        r = cli("checkpoint", "--pid", p.pid, "--out", out)
+        assert r.returncode == 0, r.stderr
+        assert f"note: pid {p.pid} has a terminal on its stdio" in r.stderr
+        assert json.loads((out / "manifest.json").read_text())["shell_job"] is True
+        p.wait(timeout=30)
+        r = subprocess.run([sys.executable, "-m", "dynsnap_core.cli", "restore", str(out)], stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True, env={**os.environ})
+        assert r.returncode == 1 and "the snapshot is a shell job" in r.stderr and len(r.stderr.splitlines()) == 1
+        from dynsnap_core.proc import reap_children
+        end = time.monotonic() + 10          # CRIU's half-restored task was killed: reap it (we are the subreaper)
+        while os.path.exists(f"/proc/{p.pid}") and time.monotonic() < end:
+            reap_children()
+            time.sleep(0.01)
+        # From a terminal: a shell-like session leader whose controlling terminal is the pty stays alive (a
+        # job dies with its terminal session, as in any shell) while dynsnap restores the job into it.
+        shell = subprocess.Popen(["setsid", "--ctty", "sh", "-c", f"{sys.executable} -m dynsnap_core.cli restore "
+                                  f"{out} >/dev/null 2>{tmp_path}/restore.err; echo rc=$?; sleep 30"],
+                                 stdin=slave, stdout=subprocess.PIPE, text=True)
+        try:
+            line = shell.stdout.readline().strip()
+            assert line == "rc=0", (tmp_path / "restore.err").read_text()
+            time.sleep(0.5)      # the restored job must outlive the restorer (no orphaned-pgrp SIGHUP)
+            from helpers import request_json
+            assert request_json(sock, "check")["all_ok"]
+        finally:
+            shell.kill()
+            shell.wait()
+            shell.stdout.close()
+    finally:
+        try:
+            os.kill(p.pid, 9)
+        except ProcessLookupError:
+            pass
+        os.close(master)
+        os.close(slave)
