@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable, Optional
 
 from dynsnap_core import io
 from dynsnap_core.benchutil import cpu_time, drop_caches, fmt_opt
+from dynsnap_core.durable import fsync_path
 
 __all__ = ["run", "sweep", "format_table", "find_fio"]
 
@@ -52,14 +53,6 @@ def _cpu() -> float:
 
 def _drop_caches(cold: bool) -> bool:
     return drop_caches() if cold else False
-
-
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _timed(fn: Callable[[], Any], nbytes: int, cold: bool) -> dict:
@@ -252,11 +245,11 @@ def run(dir: str, size_mb: int = 1024, block_kb: Optional[int] = None, qd: Optio
             shutil.rmtree(dst)
         say("copy cp")
         dst = os.path.join(work, "c-cp")
-        add("copy", "cp", "", _timed(lambda: (subprocess.run(["cp", src, dst], check=True), _fsync_path(dst)),
+        add("copy", "cp", "", _timed(lambda: (subprocess.run(["cp", src, dst], check=True), fsync_path(dst)),
                                      nbytes, cold), "+ fsync")
         os.unlink(dst)
         say("copy shutil")
-        add("copy", "shutil.copyfile", "", _timed(lambda: (shutil.copyfile(src, dst), _fsync_path(dst)),
+        add("copy", "shutil.copyfile", "", _timed(lambda: (shutil.copyfile(src, dst), fsync_path(dst)),
                                                   nbytes, cold), "baseline, + fsync")
         os.unlink(dst)
     finally:

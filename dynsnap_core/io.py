@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence
 
+from dynsnap_core.durable import fsync_path
 from dynsnap_core.errors import oserror
 
 try:
@@ -109,14 +110,6 @@ def _walk(src: str) -> tuple[list[str], list[str]]:
     return dirs, files
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def copy_tree(src: str | os.PathLike, dst: str | os.PathLike, *, engine: str = "auto",
               direct: bool = True, checksum: bool = True, fsync: bool = True,
               block_size: Optional[int] = None, queue_depth: Optional[int] = None,
@@ -152,10 +145,10 @@ def copy_tree(src: str | os.PathLike, dst: str | os.PathLike, *, engine: str = "
             queue_depth=queue_depth, progress=progress, progress_ms=100)
         if fsync:
             for rel in dirs:
-                _fsync_dir(os.path.join(dst, rel))
-            _fsync_dir(dst)
+                fsync_path(os.path.join(dst, rel))
+            fsync_path(dst)
             if created_root:
-                _fsync_dir(os.path.dirname(os.path.abspath(dst)))
+                fsync_path(os.path.dirname(os.path.abspath(dst)))
     except BaseException:
         if created_root:
             shutil.rmtree(dst, ignore_errors=True)

@@ -6,12 +6,12 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from .durable import fsync_path
 from .errors import SnapshotCorrupt, SnapshotNotFound
+from .formats import SNAPSHOT_MANIFEST as _KIND
 
 __all__ = ["MAGIC", "FORMAT_VERSION", "MANIFEST_NAME", "CHECKSUM", "write", "read", "verify_files",
            "check_sizes"]
-
-from .formats import SNAPSHOT_MANIFEST as _KIND
 
 MAGIC = _KIND.magic
 FORMAT_VERSION = _KIND.format
@@ -37,15 +37,7 @@ def write(directory: Path, manifest: dict) -> None:
     finally:
         os.close(fd)
     os.rename(tmp, directory / MANIFEST_NAME)
-    fsync_dir(directory)
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(directory)
 
 
 def read(directory: Path) -> dict:

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Optional
 from . import manifest as mf
 from . import proc
 from .criu import find_criu, require_privilege
+from .durable import fsync_path
 from .guardian import Guardian
 from .errors import (CriuError, CudaDeviceMismatch, CudaUnavailable, DynsnapError, InvalidTarget, SnapshotCorrupt,
                      SnapshotExists,
@@ -340,7 +341,7 @@ def checkpoint(pid: int, out: str | os.PathLike | None = None, *, leave_running:
             mf.write(staging, manifest)
             _rename_noreplace(staging, out)
             committed = True
-            mf.fsync_dir(parent)
+            fsync_path(parent)
     except BaseException as e:
         if isinstance(e, CriuError):
             _keep_log(e)
@@ -473,7 +474,7 @@ def _persist(dump_dir: Path, dump_where: str, staging: Path, engine: str, progre
 
             def one(p: Path) -> dict:
                 r = dio.hash_file(str(p), engine=engine, direct=False)
-                _fsync_file(p)
+                fsync_path(p)
                 done[0] += r.size
                 return {"path": str(p.relative_to(staging)), "size": r.size, "xxh3": r.xxh3}
             with cf.ThreadPoolExecutor(max_workers=4) as pool:
@@ -482,21 +483,13 @@ def _persist(dump_dir: Path, dump_where: str, staging: Path, engine: str, progre
                     cb(done[0], total)
                 files = [f.result() for f in futs]
             used = dio.available_engines()[0] if engine == "auto" else engine
-            mf.fsync_dir(dump_dir)
+            fsync_path(dump_dir)
     except OSError as e:
         name = e.filename or str(staging)
         raise StorageError(f"writing the snapshot failed at {name}: {os.strerror(e.errno or 5)}",
                            stage="persist", path=name, errno=e.errno) from None
     files.sort(key=lambda f: f["path"])
     return files, used
-
-
-def _fsync_file(p: Path) -> None:
-    fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _check_devices(m: dict) -> None:
@@ -680,7 +673,7 @@ def remove(path: str | os.PathLike, *, force: bool = False) -> Path:
                                   "damaged snapshot)"), stage="remove", path=str(p)) from None
     doomed = p.parent / f".{p.name}{STAGING_TAG}{os.getpid()}"
     os.rename(p, doomed)
-    mf.fsync_dir(p.parent)
+    fsync_path(p.parent)
     shutil.rmtree(doomed, ignore_errors=True)
     return p
 

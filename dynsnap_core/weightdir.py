@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from . import memfd
+from .durable import fsync_path
 
 __all__ = ["WeightDir", "StoredRegion", "default_store"]
 
@@ -45,11 +46,7 @@ def publish(dest: Path, write: Callable[[Path], None]) -> None:
         except FileNotFoundError:
             pass
         raise
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(directory)
 
 
 @dataclass
