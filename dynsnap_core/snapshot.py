@@ -439,13 +439,11 @@ class _Resumer:
 
 
 def _rollback(pids: list[int], frozen: bool, cuda_tree) -> None:
-    """Put the source tree back to running: continue it, then CUDA restore + unlock."""
+    """Put the source tree back to running: continue it if we froze it, then CUDA restore + unlock."""
     if frozen:
         proc.kill_tree(pids, signal.SIGCONT)
     if cuda_tree is not None:
         cuda_tree.rollback()
-    else:
-        proc.kill_tree(pids, signal.SIGCONT)
 
 
 def _persist(dump_dir: Path, dump_where: str, staging: Path, engine: str, progress: Progress,
@@ -470,17 +468,17 @@ def _persist(dump_dir: Path, dump_where: str, staging: Path, engine: str, progre
             import concurrent.futures as cf
             paths = sorted((p for p in dump_dir.rglob("*") if p.is_file()), key=lambda p: -p.stat().st_size)
             total = sum(p.stat().st_size for p in paths)
-            done = [0]
 
             def one(p: Path) -> dict:
                 r = dio.hash_file(str(p), engine=engine, direct=False)
                 fsync_path(p)
-                done[0] += r.size
                 return {"path": str(p.relative_to(staging)), "size": r.size, "xxh3": r.xxh3}
             with cf.ThreadPoolExecutor(max_workers=4) as pool:
                 futs = [pool.submit(one, p) for p in paths]
+                done = 0
                 for f in cf.as_completed(futs):
-                    cb(done[0], total)
+                    done += f.result()["size"]          # the first failure propagates from here
+                    cb(done, total)
                 files = [f.result() for f in futs]
             used = dio.available_engines()[0] if engine == "auto" else engine
             fsync_path(dump_dir)

@@ -195,3 +195,19 @@ def test_shell_job_with_a_terminal(tmp_path, home):
             pass
         os.close(master)
         os.close(slave)
+
+
+def test_round_trip_staging_on_target(workload, tmp_path, home):
+    """With DYNSNAP_STAGING=target CRIU dumps next to the snapshot; the files are hashed and fsynced in place."""
+    w = workload("--mem-mb", "64", "--memfd")
+    before = w.request()
+    out = tmp_path / "snap"
+    r = cli("checkpoint", "--pid", w.pid, "--out", out, "--json", env={"DYNSNAP_STAGING": "target"})
+    assert r.returncode == 0, r.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["dump_staging"] == "target" and m["io_engine"] in ("io_uring", "aio", "psync")
+    assert cli("verify", out).returncode == 0
+    w.reap_original()
+    assert cli("restore", out).returncode == 0
+    after = w.request()
+    assert after["all_ok"] and after["mem"]["sha256"] == before["mem"]["sha256"]
