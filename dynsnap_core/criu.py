@@ -166,13 +166,8 @@ def _error_lines(log: Path) -> list[str]:
         return []
     out = []
     for line in text.splitlines():
-        if "Error" not in line and "err" not in line.lower():
-            continue
-        if "Error" not in line:
-            continue
-        if any(p.search(line) for p in _BENIGN):
-            continue
-        out.append(line)
+        if "Error" in line and not any(p.search(line) for p in _BENIGN):
+            out.append(line)
     return out
 
 
