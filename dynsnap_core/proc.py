@@ -136,6 +136,14 @@ def unsupported_resources(pids: list[int]) -> list[str]:
     found = []
     for pid in pids:
         try:
+            sid = session_id(pid)
+        except (OSError, IndexError, ValueError):
+            sid = None
+        if sid == 0:
+            found.append(f"pid {pid} belongs to a session whose leader is outside its pid namespace (it was started "
+                         f"from a parent namespace, as `docker exec` or `nsenter` do), which CRIU cannot checkpoint; "
+                         f"start the worker with `setsid` so that it leads its own session")
+        try:
             fds = os.listdir(f"/proc/{pid}/fd")
         except OSError:
             continue

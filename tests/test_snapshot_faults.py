@@ -123,6 +123,24 @@ def test_undumpable_process(workload, tmp_path):
     assert w.alive() and w.state() != "T" and w.request()["all_ok"]
 
 
+def test_session_leader_outside_pid_namespace(tmp_path, home):
+    """A worker whose session leader lives in a parent pid namespace (sid 0 in its own, as after `docker exec`)
+    is refused before freezing, with the fix in the sentence; the worker keeps running."""
+    script = (f"sleep 300 & w=$!; {sys.executable} -m dynsnap_core.cli checkpoint --pid $w --out {tmp_path}/s "
+              f"2>{tmp_path}/err; echo rc=$? pid=$w state=$(cut -d' ' -f3 /proc/$w/stat); kill $w")
+    r = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c", script], capture_output=True,
+                       text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    fields = dict(kv.split("=") for kv in r.stdout.split())
+    assert fields["rc"] == "1" and fields["state"] == "S", r.stdout
+    pid = fields["pid"]
+    assert (tmp_path / "err").read_text() == (
+        f"dynsnap checkpoint: cannot checkpoint pid {pid}: pid {pid} belongs to a session whose leader is outside "
+        "its pid namespace (it was started from a parent namespace, as `docker exec` or `nsenter` do), which CRIU "
+        "cannot checkpoint; start the worker with `setsid` so that it leads its own session\n")
+    assert not (tmp_path / "s").exists()
+
+
 def test_injected_dump_failure(workload, tmp_path, home):
     """CRIU's own fault injection makes the dump fail mid-way; the worker keeps serving; CRIU's log is kept."""
     w = workload("--threads", "2")

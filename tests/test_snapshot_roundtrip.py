@@ -154,45 +154,52 @@ def test_shell_job_with_a_terminal(tmp_path, home):
 
     from helpers import HERE, wait_ready
     master, slave = os.openpty()
-    sock, ready = tmp_path / "w.sock", tmp_path / "ready"
-    p = subprocess.Popen([sys.executable, str(HERE / "workloads" / "zdtm.py"), "--sock", str(sock), "--ready",
-                          str(ready)], stdin=slave, stdout=slave, stderr=slave)
+    sock, ready, pidfile, tty = tmp_path / "w.sock", tmp_path / "ready", tmp_path / "w.pid", os.ttyname(slave)
+    # A shell leads the session (inside our pid namespace, whatever session the test runner has); the worker is
+    # its job, with the terminal on its stdio.
+    shell = subprocess.Popen(["setsid", "sh", "-c", f"{sys.executable} {HERE / 'workloads' / 'zdtm.py'} --sock {sock} "
+                              f"--ready {ready} <{tty} >{tty} 2>{tty} & echo $! >{pidfile}; wait"], stdin=slave)
+    pid = None
     try:
-        wait_ready(p, ready, tmp_path / "none.log", "shell-job workload failed to start")
+        wait_ready(shell, ready, tmp_path / "none.log", "shell-job workload failed to start")
+        pid = int(pidfile.read_text())
         out = tmp_path / "snap"
-        r = cli("checkpoint", "--pid", p.pid, "--out", out)
+        r = cli("checkpoint", "--pid", pid, "--out", out)
         assert r.returncode == 0, r.stderr
-        assert f"note: pid {p.pid} has a terminal on its stdio" in r.stderr
+        assert f"note: pid {pid} has a terminal on its stdio" in r.stderr
         assert json.loads((out / "manifest.json").read_text())["shell_job"] is True
-        p.wait(timeout=30)
+        shell.wait(timeout=30)                          # the job was killed after its snapshot; its shell ends
         r = subprocess.run([sys.executable, "-m", "dynsnap_core.cli", "restore", str(out)], stdin=subprocess.DEVNULL,
                            capture_output=True, text=True, env={**os.environ})
         assert r.returncode == 1 and "the snapshot is a shell job" in r.stderr and len(r.stderr.splitlines()) == 1
         from dynsnap_core.proc import reap_children
         end = time.monotonic() + 10          # CRIU's half-restored task was killed: reap it (we are the subreaper)
-        while os.path.exists(f"/proc/{p.pid}") and time.monotonic() < end:
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < end:
             reap_children()
             time.sleep(0.01)
         # From a terminal: a shell-like session leader whose controlling terminal is the pty stays alive (a
         # job dies with its terminal session, as in any shell) while dynsnap restores the job into it.
-        shell = subprocess.Popen(["setsid", "--ctty", "sh", "-c", f"{sys.executable} -m dynsnap_core.cli restore "
-                                  f"{out} >/dev/null 2>{tmp_path}/restore.err; echo rc=$?; sleep 30"],
-                                 stdin=slave, stdout=subprocess.PIPE, text=True)
+        term = subprocess.Popen(["setsid", "--ctty", "sh", "-c", f"{sys.executable} -m dynsnap_core.cli restore "
+                                 f"{out} >/dev/null 2>{tmp_path}/restore.err; echo rc=$?; sleep 30"],
+                                stdin=slave, stdout=subprocess.PIPE, text=True)
         try:
-            line = shell.stdout.readline().strip()
+            line = term.stdout.readline().strip()
             assert line == "rc=0", (tmp_path / "restore.err").read_text()
             time.sleep(0.5)      # the restored job must outlive the restorer (no orphaned-pgrp SIGHUP)
             from helpers import request_json
             assert request_json(sock, "check")["all_ok"]
         finally:
-            shell.kill()
-            shell.wait()
-            shell.stdout.close()
+            term.kill()
+            term.wait()
+            term.stdout.close()
     finally:
-        try:
-            os.kill(p.pid, 9)
-        except ProcessLookupError:
-            pass
+        for victim in (pid, shell.pid):
+            try:
+                if victim:
+                    os.kill(victim, 9)
+            except ProcessLookupError:
+                pass
+        shell.wait()
         os.close(master)
         os.close(slave)
 
