@@ -5,6 +5,8 @@
 #                                       .gpubundle/deps/{include,lib} (liburing, libaio, xxhash from Debian 12)
 #                                       .gpubundle/bin/fio           (static fio from Debian 12's source package:
 #                                                                     libaio, io_uring, psync; the device limit)
+#                                       .gpubundle/wheels/*.whl      (kvikio-cu13 + libkvikio-cu13 + rapids-logger,
+#                                                                     no dependencies: the GPU image has the rest)
 # Runs on a Debian 12 machine with apt access. Idempotent; scripts/gpu-check.sh consumes the result.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -71,6 +73,19 @@ if [[ ! -x "$B/bin/fio" ]]; then
     "$B/bin/fio" --version
     "$B/bin/fio" --enghelp | grep -qw io_uring || { echo "gpu-bundle: fio lacks io_uring" >&2; exit 1; }
     rm -rf "$fwork"
+fi
+
+# 4. kvikio (optional `gpu` extra, compared by `bench weights` and the GPU tests): the wheels alone, without their
+#    dependencies. The GPU machine's image already has cupy-cuda13x, numpy, packaging and nvidia-cufile for
+#    CUDA 13; pulling kvikio's dependencies would carry ~2 GB of CUDA wheels. gpu-check.sh installs them with
+#    --no-deps into a private target directory there.
+KVIKIO_WHEELS=(${DYNSNAP_KVIKIO_WHEELS:-kvikio-cu13 libkvikio-cu13 rapids-logger})
+if [[ ! -e "$B/wheels/.done" ]]; then
+    rm -rf "$B/wheels"
+    mkdir -p "$B/wheels"
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+        --platform manylinux_2_28_x86_64 --dest "$B/wheels" "${KVIKIO_WHEELS[@]}"
+    printf '%s\n' "${KVIKIO_WHEELS[@]}" > "$B/wheels/.done"
 fi
 
 echo "gpu-bundle: $(du -sh "$B" | cut -f1) in $B"

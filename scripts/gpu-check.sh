@@ -55,6 +55,19 @@ export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 # fio built by gpu-bundle.sh: the device-limit rows of `bench io`
 [[ -x "$BUNDLE/bin/fio" ]] && export DYNSNAP_FIO=$BUNDLE/bin/fio
 
+# kvikio wheels from gpu-bundle.sh, installed without dependencies (cupy, numpy, cufile are in the image)
+if compgen -G "$BUNDLE/wheels/*.whl" >/dev/null && ! $PY -c 'import kvikio' 2>/dev/null; then
+    PYLIB=/tmp/dynsnap-pylib
+    if $PY -m pip install -q --no-deps --no-index --target "$PYLIB" "$BUNDLE"/wheels/*.whl >"$OUT/kvikio-install.log" 2>&1; then
+        export PYTHONPATH=$PYTHONPATH:$PYLIB
+    else
+        note "kvikio wheels: install failed ($(tail -1 "$OUT/kvikio-install.log"))"
+    fi
+fi
+kv=$($PY -c 'import kvikio; from dynsnap_core import weights_load as w
+print(kvikio.__version__, "compat mode" if w._kvikio_compat(kvikio) else "GDS")' 2>&1 | tail -1)
+note "kvikio: $kv"
+
 echo "gpu-check: host $(hostname), $(nproc) cores, kernel $(uname -r), $($PY --version 2>&1)"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | sed 's/^/gpu-check: GPU /'
 
