@@ -25,3 +25,13 @@ def test_bench_io_runs_small(tmp_path):
     assert os.listdir(tmp_path) == []
     table = bench_io.format_table(r)
     assert table.count("\n") >= len(r["rows"]) + 2
+    if bench_io.find_fio():        # scripts/setup.sh installs fio: the device-limit rows, copy's included
+        assert {("write", "fio"), ("read", "fio"), ("copy", "fio read || write")} <= ops
+        limits = {}
+        for row in r["rows"]:
+            if row["tool"].startswith("fio"):
+                limits[row["op"]] = max(limits.get(row["op"], 0.0), row["gbps"])
+        serial = 1 / (1 / limits["read"] + 1 / limits["write"])
+        for row in r["rows"]:
+            assert row["ratio_fio"] == round(row["gbps"] / max(limits[row["op"]], serial if row["op"] == "copy"
+                                                              else 0), 3)
