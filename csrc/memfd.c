@@ -33,6 +33,7 @@
 #endif
 
 #define __DS_ALIGN 4096u
+#define __DS_HPAGE (2u << 20)   /* PMD-sized transparent huge page (x86-64, arm64 with 4 KiB pages) */
 
 struct ds_memfd_ctx {
 	struct ds_memfd_config cfg;
@@ -422,8 +423,16 @@ int ds_memfd_create(struct ds_memfd_ctx *c, const char *name, uint64_t size, int
 		return __ds_mfail(c, -errno, "memfd_create", nm, (c->cfg.flags & DS_MEMFD_HUGETLB) ?
 				  "hugetlb memfd unavailable on this kernel" : NULL);
 	c->cnt.memfds_created++;
-	if ((c->cfg.flags & DS_MEMFD_HUGETLB) && fstat(f, &st) == 0 && st.st_blksize > 0)
-		sz = (size + (uint64_t)st.st_blksize - 1) / (uint64_t)st.st_blksize * (uint64_t)st.st_blksize;
+	if (c->cfg.flags & DS_MEMFD_HUGETLB) {   /* hugetlbfs sizes and maps whole huge pages only */
+		if (fstat(f, &st) < 0) {
+			int err = -errno;
+
+			ds_memfd_close(c, f);
+			return __ds_mfail(c, err, "fstat", nm, "hugetlb memfd");
+		}
+		if (st.st_blksize > 0)
+			sz = (size + (uint64_t)st.st_blksize - 1) / (uint64_t)st.st_blksize * (uint64_t)st.st_blksize;
+	}
 	if (ftruncate(f, (off_t)sz) < 0) {
 		int err = -errno;
 
@@ -446,32 +455,74 @@ int ds_memfd_close(struct ds_memfd_ctx *c, int fd)
 	return 0;
 }
 
-static int __ds_map(struct ds_memfd_ctx *c, int fd, uint64_t len, int prot, const char *what, char **out)
+/* Shared mapping of fd's first len bytes. With thp (and len >= 2 MiB) the mapping starts on a 2 MiB
+ * boundary, so huge shmem folios can be mapped by PMDs (the kernel aligns shmem mappings only while
+ * shmem THP is enabled host-wide), and MADV_HUGEPAGE is applied before any page is touched. */
+static int __ds_map(struct ds_memfd_ctx *c, int fd, uint64_t len, int prot, int thp, const char *what, char **out)
 {
+	uint64_t plen, rlen;
+	char *r = NULL, *at;
 	void *p;
+	int err;
 
 	*out = NULL;
 	if (!len)
 		return 0;
-	p = mmap(NULL, (size_t)len, prot, MAP_SHARED, fd, 0);
-	if (p == MAP_FAILED) {
-		int err = -errno;
-
-		if (err == -ENOMEM && (c->cfg.flags & DS_MEMFD_HUGETLB))
-			return __ds_mfail(c, err, "mmap", what, "no free hugetlb pages for %llu bytes "
-					  "(see vm.nr_hugepages)", (unsigned long long)len);
-		return __ds_mfail(c, err, "mmap", what, "%llu bytes", (unsigned long long)len);
+	thp = thp && len >= __DS_HPAGE;
+	if (thp) {
+		/* over-reserve by 2 MiB, map at the first 2 MiB boundary inside, give the slack back */
+		plen = (len + __DS_ALIGN - 1) / __DS_ALIGN * __DS_ALIGN;
+		rlen = plen + __DS_HPAGE;
+		p = mmap(NULL, (size_t)rlen, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+		if (p == MAP_FAILED)
+			return __ds_mfail(c, -errno, "mmap", what, "reserving %llu bytes of address space",
+					  (unsigned long long)rlen);
+		r = p;
+		at = r + (__DS_HPAGE - (uintptr_t)r % __DS_HPAGE) % __DS_HPAGE;
+		p = mmap(at, (size_t)len, prot, MAP_SHARED | MAP_FIXED, fd, 0);
+		if (p == MAP_FAILED) {
+			err = -errno;
+			if (munmap(r, (size_t)rlen) < 0)
+				return __ds_mfail(c, -errno, "munmap", what, "address space reservation");
+			goto fail;
+		}
+		if ((at > r && munmap(r, (size_t)(at - r)) < 0) ||
+		    (r + rlen > at + plen && munmap(at + plen, (size_t)(r + rlen - (at + plen))) < 0)) {
+			err = -errno;
+			(void)munmap(r, (size_t)rlen);   /* the whole range: already failing, report the first error */
+			return __ds_mfail(c, err, "munmap", what, "slack of the 2 MiB-aligned mapping");
+		}
+		/* EINVAL: a kernel without THP; the fill works with small pages */
+		if (madvise(at, (size_t)len, MADV_HUGEPAGE) < 0 && errno != EINVAL) {
+			err = -errno;
+			if (munmap(at, (size_t)len) < 0)
+				return __ds_mfail(c, -errno, "munmap", what, "%llu bytes", (unsigned long long)len);
+			return __ds_mfail(c, err, "madvise", what, "MADV_HUGEPAGE on %llu bytes",
+					  (unsigned long long)len);
+		}
+	} else {
+		p = mmap(NULL, (size_t)len, prot, MAP_SHARED, fd, 0);
+		if (p == MAP_FAILED) {
+			err = -errno;
+			goto fail;
+		}
 	}
 	c->cnt.maps_created++;
 	*out = p;
 	return 0;
+fail:
+	if (err == -ENOMEM && (c->cfg.flags & DS_MEMFD_HUGETLB))
+		return __ds_mfail(c, err, "mmap", what, "no free hugetlb pages for %llu bytes "
+				  "(see vm.nr_hugepages)", (unsigned long long)len);
+	return __ds_mfail(c, err, "mmap", what, "%llu bytes", (unsigned long long)len);
 }
 
 static void __ds_unmap(struct ds_memfd_ctx *c, char **p, uint64_t len)
 {
 	if (!*p)
 		return;
-	munmap(*p, (size_t)len);
+	if (munmap(*p, (size_t)len) < 0)   /* a bug (e.g. a length that splits a huge page): say so */
+		__ds_mfail(c, -errno, "munmap", NULL, "%llu bytes at %p", (unsigned long long)len, (void *)*p);
 	c->cnt.maps_freed++;
 	*p = NULL;
 }
@@ -584,10 +635,10 @@ int ds_memfd_restore(struct ds_memfd_ctx *c, size_t n, const struct ds_memfd_seg
 		res[i].size = segs[i].length;
 		res[i].map_size = maplen[i];
 		res[i].hugetlb = !!(c->cfg.flags & DS_MEMFD_HUGETLB);
+		/* hugetlbfs aligns its mappings itself and needs no advice */
 		ret = __ds_map(c, res[i].fd, maplen[i], PROT_READ | PROT_WRITE,
+			       (c->cfg.flags & DS_MEMFD_THP) && !(c->cfg.flags & DS_MEMFD_HUGETLB),
 			       segs[i].name ? segs[i].name : segs[i].path, &j.items[i].map);
-		if (!ret && (c->cfg.flags & DS_MEMFD_THP) && j.items[i].map)
-			(void)madvise(j.items[i].map, (size_t)maplen[i], MADV_HUGEPAGE); /* best effort */
 	}
 	if (!ret)
 		ret = __ds_run(&j);
@@ -627,12 +678,14 @@ int ds_memfd_dump(struct ds_memfd_ctx *c, size_t n, const int *fds, const uint64
 {
 	struct __ds_job j = { .c = c, .op = __DS_DUMP, .nitems = n };
 	char *created = calloc(n ? n : 1, 1);
+	uint64_t *maplen = calloc(n ? n : 1, sizeof(uint64_t));
 	struct stat st;
 	size_t i;
 	int ret = 0;
 
 	j.items = __ds_new_items(n, 1);
-	if (!j.items || !created) {
+	if (!j.items || !created || !maplen) {
+		free(maplen);
 		free(created);
 		free(j.items);
 		return __ds_mfail(c, -ENOMEM, "allocate", NULL, "%zu regions", n);
@@ -654,7 +707,12 @@ int ds_memfd_dump(struct ds_memfd_ctx *c, size_t n, const int *fds, const uint64
 					 fds[i], (unsigned long long)st.st_size, (unsigned long long)sizes[i]);
 			break;
 		}
-		ret = __ds_map(c, fds[i], sizes[i], PROT_READ, paths[i], &it->map);
+		/* whole blocks: a hugetlb memfd maps (and unmaps) whole huge pages only */
+		maplen[i] = sizes[i];
+		if (st.st_blksize > 0)
+			maplen[i] = (sizes[i] + (uint64_t)st.st_blksize - 1) / (uint64_t)st.st_blksize *
+				    (uint64_t)st.st_blksize;
+		ret = __ds_map(c, fds[i], maplen[i], PROT_READ, 0, paths[i], &it->map);
 		if (ret)
 			break;
 		fd = __ds_open_counted(c, paths[i], O_WRONLY | O_CREAT | O_EXCL, 0644);
@@ -706,7 +764,8 @@ int ds_memfd_dump(struct ds_memfd_ctx *c, size_t n, const int *fds, const uint64
 			__ds_close_counted(c, &dfd);
 		}
 	}
-	__ds_free_items(c, j.items, n, NULL);
+	__ds_free_items(c, j.items, n, maplen);
+	free(maplen);
 	if (ret)
 		for (i = 0; i < n; i++)
 			if (created[i] && unlink(paths[i]) < 0)

@@ -12,6 +12,12 @@ installed), and travels to another process over a Unix socket with ``send()`` / 
 (SCM_RIGHTS). ``reserve`` / ``attach`` / ``detach`` map a memfd at a fixed address inside a PROT_NONE
 reservation, so pointers into it survive a detach -> checkpoint -> restore -> re-attach cycle.
 
+Page sizes: by default the fill mapping is 2 MiB-aligned and advised ``MADV_HUGEPAGE`` whenever the kernel
+allows transparent huge pages for shmem (``shmem_thp()``: ``shmem_enabled`` advise/always/within_size/force,
+or the 2 MiB size's own ``shmem_enabled`` knob), which spares the kernel allocating and zeroing 512 small
+pages per 2 MiB; ``thp=False`` opts out. ``hugetlb=True`` uses MFD_HUGETLB pages reserved in
+``vm.nr_hugepages`` (``hugetlb_pages()``). ``MemFd.page_kind()`` says what the pages turned out to be.
+
 The GIL is released for every fill, dump, hash and copy. No io_uring is used (a process holding
 these memfds can be checkpointed).
 """
@@ -40,7 +46,7 @@ except ImportError as exc:  # pragma: no cover - depends on how the package was 
 __all__ = [
     "HASH_CHUNK", "MemfdError", "Segment", "MemFd", "DumpResult", "restore", "dump", "create", "digest",
     "copy", "reserve", "attach", "detach", "release", "view_at", "send_message", "recv_message",
-    "debug_counters", "default_threads",
+    "debug_counters", "default_threads", "shmem_thp", "hugetlb_pages",
 ]
 
 #: The region digest is defined over chunks of this many bytes.
@@ -65,6 +71,57 @@ def debug_counters() -> dict:
             "memfd_objects_closed": _live["closed"]}
 
 
+_THP_DIR = "/sys/kernel/mm/transparent_hugepage"
+_THP_ON = ("always", "within_size", "advise", "force")
+
+
+def _selected(path: str) -> Optional[str]:
+    """The bracketed choice of a sysfs switch (``always [advise] never`` -> ``advise``); None if absent."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return None
+    if "[" in text and "]" in text:
+        return text.split("[", 1)[1].split("]", 1)[0]
+    return text.strip() or None
+
+
+def shmem_thp() -> dict:
+    """Whether a memfd mapping advised MADV_HUGEPAGE gets PMD-sized transparent huge pages, read live from sysfs.
+
+    Returns ``{"shmem_enabled": ..., "pmd_shmem_enabled": ..., "pmd_kb": ..., "allowed": bool}``:
+    ``shmem_enabled`` is the host-wide switch (None: no THP in this kernel), ``pmd_shmem_enabled`` the
+    ``hugepages-<pmd_kb>kB/shmem_enabled`` knob (``inherit`` follows the host-wide one; None on kernels
+    without it). 'deny' turns huge pages off everywhere, 'force' on everywhere.
+    """
+    top = _selected(f"{_THP_DIR}/shmem_enabled")
+    try:
+        with open(f"{_THP_DIR}/hpage_pmd_size") as f:
+            pmd_kb = int(f.read()) >> 10
+    except (OSError, ValueError):
+        pmd_kb = 2048
+    per = _selected(f"{_THP_DIR}/hugepages-{pmd_kb}kB/shmem_enabled")
+    allowed = top is not None and top != "deny" and (top in _THP_ON or (per or "inherit") in _THP_ON)
+    return {"shmem_enabled": top, "pmd_shmem_enabled": per, "pmd_kb": pmd_kb, "allowed": bool(allowed)}
+
+
+def hugetlb_pages() -> dict:
+    """The default-size hugetlb pool from /proc/meminfo: ``page_size`` (bytes), ``total``, ``free``,
+    ``reserved`` and ``available`` (= free - reserved: what a new MFD_HUGETLB mapping can still reserve)."""
+    info = {}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                info[k] = int(v.split()[0]) if v.split() else 0
+    except (OSError, ValueError):
+        pass
+    total, free, rsvd = info.get("HugePages_Total", 0), info.get("HugePages_Free", 0), info.get("HugePages_Rsvd", 0)
+    return {"page_size": info.get("Hugepagesize", 2048) << 10, "total": total, "free": free, "reserved": rsvd,
+            "available": max(0, free - rsvd)}
+
+
 def _hex(v: int) -> str:
     return f"{v:016x}"
 
@@ -79,7 +136,7 @@ def _translate(e: OSError, stage: str) -> BaseException:
     msg = e.strerror or str(e)
     if op in ("segment", "verify") or (op == "read" and e.errno == _errno.EIO and "truncated" in msg):
         return SnapshotCorrupt(msg, stage=stage, path=e.filename, errno=e.errno)
-    if op in ("memfd_create", "mmap", "ftruncate", "seal"):
+    if op in ("memfd_create", "mmap", "munmap", "madvise", "fstat", "ftruncate", "seal"):
         return MemfdError(msg, stage=stage, path=e.filename, errno=e.errno)
     out = OSError(e.errno, msg)
     out.filename = e.filename
@@ -111,20 +168,23 @@ class DumpResult:
 
 
 class MemFd:
-    """An owned memfd holding one region: ``fd``, ``size`` (content bytes), ``digest`` (hex), ``sealed``.
+    """An owned memfd holding one region: ``fd``, ``size`` (content bytes), ``digest`` (hex), ``sealed``,
+    ``hugetlb`` (MFD_HUGETLB pages) and ``thp`` (filled through a 2 MiB-aligned MADV_HUGEPAGE mapping;
+    whether the kernel really gave huge pages: ``page_kind()``).
 
     Close it (or use it as a context manager) to drop this process's reference; the memory lives on
     while another process holds the fd or a mapping.
     """
 
     def __init__(self, fd: int, size: int, *, name: str = "dynsnap", digest: Optional[str] = None,
-                 sealed: bool = False, hugetlb: bool = False, map_size: Optional[int] = None):
+                 sealed: bool = False, hugetlb: bool = False, map_size: Optional[int] = None, thp: bool = False):
         self.fd = fd
         self.size = size
         self.name = name
         self.digest = digest
         self.sealed = sealed
         self.hugetlb = hugetlb
+        self.thp = thp and not hugetlb
         self.map_size = map_size if map_size is not None else size
         self._maps: list[mmap.mmap] = []
         _live["opened"] += 1
@@ -146,9 +206,15 @@ class MemFd:
         if self.size == 0:
             return memoryview(b"")
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-        m = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, prot)
+        n = self._map_len()
+        m = mmap.mmap(self.fd, n, mmap.MAP_SHARED, prot)
         self._maps.append(m)
-        return memoryview(m)
+        return memoryview(m) if n == self.size else memoryview(m)[:self.size]
+
+    def _map_len(self) -> int:
+        """Bytes to map: hugetlb mappings must cover whole huge pages, or munmap fails (EINVAL) and the
+        mapping, with its huge pages, would outlive ``close()``."""
+        return max(self.map_size, self.size) if self.hugetlb else self.size
 
     def numpy(self, dtype: Any = "uint8", writable: Optional[bool] = None) -> Any:
         """A zero-copy numpy array over the content (needs numpy)."""
@@ -159,11 +225,72 @@ class MemFd:
         """Digest of the current content, with a thread pool."""
         if self.size == 0:
             return digest(b"")
-        m = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ)
+        m = mmap.mmap(self.fd, self._map_len(), mmap.MAP_SHARED, mmap.PROT_READ)
         try:
-            return _hex(_memfd.hash_buffer(m, threads or default_threads()))
+            with memoryview(m) as v, v[:self.size] as content:
+                return _hex(_memfd.hash_buffer(content, threads or default_threads()))
         finally:
             m.close()
+
+    def huge_bytes(self) -> int:
+        """Bytes of the content held in PMD-sized pages (hugetlb: all of it).
+
+        Maps the memfd once at a 2 MiB-aligned address, reads one byte of each 2 MiB block that holds
+        data (holes stay holes: nothing is allocated) and reads this mapping's ``ShmemPmdMapped`` from
+        /proc/self/smaps; costs a walk of /proc/self/smaps, so it is not done on every restore.
+        """
+        if self.closed:
+            raise ValueError("MemFd is closed")
+        if self.hugetlb:
+            return self.map_size
+        hp = shmem_thp()["pmd_kb"] << 10
+        size = self.map_size
+        if size < hp:
+            return 0
+        base = reserve(size + hp)
+        try:
+            at = (base + hp - 1) // hp * hp
+            attach(self.fd, at, size)
+            v = view_at(at, size)
+            try:
+                off = 0
+                while off < size:
+                    try:
+                        data = os.lseek(self.fd, off, os.SEEK_DATA)
+                    except OSError as e:
+                        if e.errno == _errno.ENXIO:   # only holes from here on
+                            break
+                        raise
+                    hole = min(os.lseek(self.fd, data, os.SEEK_HOLE), size)
+                    for blk in range(data // hp * hp, hole, hp):
+                        v[max(blk, data)]
+                    off = hole
+            finally:
+                v.release()
+            want, seen = f"{at:x}-", None
+            with open("/proc/self/smaps") as f:
+                for line in f:
+                    if seen is None:
+                        if line.startswith(want):
+                            seen = 0
+                    elif line.startswith(("ShmemPmdMapped:", "FilePmdMapped:")):
+                        seen += int(line.split()[1]) << 10
+                    elif line.startswith("VmFlags:"):   # the last field of this mapping's block
+                        break
+            return min(seen or 0, self.size)
+        finally:
+            release(base, size + hp)
+
+    def page_kind(self) -> str:
+        """``'hugetlb'``, ``'thp'`` (every whole 2 MiB block of the content is a huge page), ``'4k'`` (none is)
+        or ``'mixed'``; see ``huge_bytes()`` for what it costs."""
+        if self.hugetlb:
+            return "hugetlb"
+        huge = self.huge_bytes()
+        whole = self.size // (shmem_thp()["pmd_kb"] << 10) * (shmem_thp()["pmd_kb"] << 10)
+        if huge == 0:
+            return "4k"
+        return "thp" if huge >= whole else "mixed"
 
     def seal(self) -> None:
         """Forbid writes, shrinking and growing (F_SEAL_WRITE needs no writable mapping left)."""
@@ -243,12 +370,15 @@ def _flags(*, hugetlb: bool = False, thp: bool = False, populate: bool = False, 
 
 
 def restore(segments: Iterable[Segment | tuple], threads: Optional[int] = None, *, hugetlb: bool = False,
-            thp: bool = False, populate: bool = True, seal: bool = False, direct: bool = False,
+            thp: Optional[bool] = None, populate: bool = True, seal: bool = False, direct: bool = False,
             chunk_size: int = 0, block_size: int = 0) -> list[MemFd]:
     """Create one memfd per segment and fill them all with ``threads`` threads (default: CPUs, <= 16).
 
     Segments are ``Segment`` objects or ``(path, offset, length)`` tuples. Raises ``SnapshotCorrupt`` for
     a segment beyond the end of its file, a file that shrinks while read, or a digest mismatch;
+    ``thp=None`` (default) advises transparent huge pages when ``shmem_thp()`` says the kernel allows them,
+    ``thp=True`` always does (harmless when not allowed), ``thp=False`` never; ``hugetlb=True`` uses hugetlb
+    pages (and no THP) and raises ``MemfdError`` when ``vm.nr_hugepages`` has too few free ones;
     ``MemfdError`` when memfds or hugetlb pages are unavailable; ``OSError`` for I/O errors. On any
     failure no memfd is returned (all are closed).
     """
@@ -266,12 +396,15 @@ def restore(segments: Iterable[Segment | tuple], threads: Optional[int] = None, 
             raise SnapshotCorrupt(f"segment {path} [{s.offset}, +{length}) has a negative offset or length",
                                   stage="memfd restore", path=path)
         raw.append((path, s.offset, length, s.name or os.path.basename(path), _unhex(s.digest)))
+    if thp is None:
+        thp = not hugetlb and shmem_thp()["allowed"]
+    thp = bool(thp) and not hugetlb
     flags = _flags(hugetlb=hugetlb, thp=thp, populate=populate, seal=seal, direct=direct)
     try:
         _n, res = _memfd.restore(raw, threads or default_threads(), flags, chunk_size, block_size)
     except _memfd.MemfdCError as e:
         raise _translate(e, "memfd restore") from None
-    return [MemFd(fd, size, name=r[3], digest=_hex(h), sealed=sealed, hugetlb=huge, map_size=ms)
+    return [MemFd(fd, size, name=r[3], digest=_hex(h), sealed=sealed, hugetlb=huge, map_size=ms, thp=thp)
             for r, (fd, size, ms, h, huge, sealed) in zip(raw, res)]
 
 

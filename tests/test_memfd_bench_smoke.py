@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 
-from dynsnap_core import bench_memfd
+from dynsnap_core import bench_memfd, memfd
 from helpers import cli
 
 
@@ -18,10 +18,35 @@ def test_bench_memfd_runs_small(tmp_path):
     assert {("memory", "memcpy (populated)", 1), ("memory", "memcpy (populated)", 2),
             ("page cache", "pread loop, 1 thread (baseline)", 1), ("page cache", "dynsnap parallel fill", 1),
             ("page cache", "dynsnap parallel fill", 2)} <= tools
+    assert {("memory", "memcpy into fresh memory (faults + copy)", 2),
+            ("page cache", "copy only: pread into a populated memfd", 1),
+            ("page cache", "copy only: pread into a populated memfd", 2)} <= tools
     for row in r["rows"]:
-        assert row["gbps"] >= 0 and {"vs_baseline", "vs_memcpy", "cpu_s_per_gb"} <= set(row)
+        assert row["gbps"] >= 0 and {"vs_baseline", "vs_memcpy", "vs_fresh_memcpy_same_threads", "cpu_s_per_gb",
+                                     "pages", "pages_seen"} <= set(row)
+    # huge page rows run when the kernel allows them, else they are listed as skipped with the command to run
+    skipped = {s["tool"]: s for s in r["skipped"]}
+    thp, huge = memfd.shmem_thp(), memfd.hugetlb_pages()
+    has_thp = ("page cache", "dynsnap parallel fill, THP memfd", 2) in tools
+    assert has_thp == thp["allowed"] != ("dynsnap parallel fill, THP memfd" in skipped)
+    if not thp["allowed"]:
+        assert skipped["dynsnap parallel fill, THP memfd"]["fix"] == \
+            "echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled"
+    need = (16 << 20) // huge["page_size"]
+    has_huge = ("page cache", "dynsnap parallel fill, hugetlb memfd", 2) in tools
+    assert has_huge == (huge["available"] >= need) != ("dynsnap parallel fill, hugetlb memfd" in skipped)
+    if not has_huge:
+        assert skipped["dynsnap parallel fill, hugetlb memfd"]["fix"] == \
+            f"sysctl -w vm.nr_hugepages={huge['total'] + need - huge['available']}"
+    lim = r["limits"]
+    has_thp_memcpy = ("memory", "memcpy (populated, THP)", 2) in tools
+    assert has_thp_memcpy == thp["allowed"] == bool(lim["memcpy_thp_gbps_by_threads"])
+    best = max([lim["memcpy_best_gbps"], *lim["memcpy_thp_gbps_by_threads"].values()])
+    assert r["targets"]["memcpy_best_gbps"] == best and r["targets"]["memcpy_gbps"] == round(0.8 * best, 3)
+    table = bench_memfd.format_table(r)
+    assert all(f"skipped: {s['reason']}" in table for s in r["skipped"])
     assert steps and os.listdir(tmp_path) == []
-    assert bench_memfd.format_table(r).count("\n") >= len(r["rows"]) + 2
+    assert table.count("\n") >= len(r["rows"]) + len(r["skipped"]) + 2
 
 
 def test_cli_bench_memfd_json(tmp_path):
