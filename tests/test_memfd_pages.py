@@ -1,9 +1,11 @@
 """memfd page kinds: THP (default when the kernel allows shmem THP) and hugetlb restores give the exact content.
 
-Expectations are computed from /sys and /proc here, never mocked; nothing in the host's settings is changed.
+Expectations are computed from /sys and /proc here, never mocked. As root, two tests switch a host setting on
+for their own duration (shmem THP for 2 MiB pages, a few hugetlb pages) and put the old value back.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -37,6 +39,37 @@ def _meminfo() -> dict:
         k, _, v = line.partition(":")
         out[k] = int(v.split()[0]) if v.split() else 0
     return out
+
+
+@contextlib.contextmanager
+def _host_setting(path: Path, value: str):
+    """Write ``value`` to a sysfs/procfs file for the duration (root only), then put the old value back."""
+    old = _sel(path)
+    path.write_text(value)
+    try:
+        yield
+    finally:
+        path.write_text(old)
+
+
+@pytest.fixture
+def hugetlb_reserved(image):
+    """Enough free hugetlb pages for the image: reserved for this test when there are none, released after."""
+    mi = _meminfo()
+    page = mi["Hugepagesize"] << 10
+    need = -(-len(image[1]) // page)
+    free = mi["HugePages_Free"] - mi["HugePages_Rsvd"]
+    if free >= need:
+        yield need
+        return
+    want = mi["HugePages_Total"] + need - free
+    if os.geteuid() != 0:
+        pytest.skip(f"hugetlb: {free} free {mi['Hugepagesize']} kB pages, {need} needed "
+                    f"(sysctl -w vm.nr_hugepages={want} to run this)")
+    with _host_setting(Path("/proc/sys/vm/nr_hugepages"), str(want)):
+        if _meminfo()["HugePages_Total"] < want:
+            pytest.skip(f"hugetlb: the kernel found no room for {need} more {mi['Hugepagesize']} kB pages")
+        yield need
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +110,25 @@ def test_thp_restore_exact_content(image, thp):
             m.close()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching shmem THP on for the test needs root")
+def test_thp_pages_when_the_kernel_allows_them(image):
+    """With shmem THP allowed for 2 MiB pages (advise), the default restore gets huge pages, thp=False does not."""
+    knob = THP / "hugepages-2048kB" / "shmem_enabled"
+    if not knob.exists() or _sel(THP / "shmem_enabled") == "deny":
+        pytest.skip("this kernel has no per-size shmem THP setting (or THP is denied)")
+    path, data = image
+    with _host_setting(knob, "advise"):
+        assert memfd.shmem_thp()["allowed"]
+        seg = memfd.Segment(str(path), name="thp")
+        on, off = memfd.restore([seg], threads=2)[0], memfd.restore([seg], threads=2, thp=False)[0]
+        with on, off:
+            assert on.thp and not off.thp
+            assert hashlib.sha256(on.view()).digest() == hashlib.sha256(off.view()).digest() == \
+                hashlib.sha256(data).digest()
+            assert off.page_kind() == "4k" and off.huge_bytes() == 0
+            assert on.page_kind() in ("thp", "mixed") and 0 < on.huge_bytes() <= 8 * MiB
+
+
 def test_page_probe_allocates_nothing():
     with memfd.create(8 * MiB, "holes") as m:
         assert m.page_kind() == "4k" and m.huge_bytes() == 0
@@ -85,15 +137,11 @@ def test_page_probe_allocates_nothing():
         assert ei.value.errno == errno.ENXIO      # still all holes
 
 
-def test_hugetlb_restore_exact_content(image, tmp_path):
+def test_hugetlb_restore_exact_content(image, tmp_path, hugetlb_reserved):
     path, data = image
     mi = _meminfo()
     page = mi["Hugepagesize"] << 10
-    need = -(-len(data) // page)
-    free = mi["HugePages_Free"] - mi["HugePages_Rsvd"]
-    if free < need:
-        pytest.skip(f"hugetlb: {free} free {mi['Hugepagesize']} kB pages, {need} needed "
-                    f"(sysctl -w vm.nr_hugepages={mi['HugePages_Total'] + need - free} to run this)")
+    need = hugetlb_reserved
     [m] = memfd.restore([memfd.Segment(str(path), name="huge")], threads=2, hugetlb=True)
     with m:
         assert m.hugetlb and not m.thp and m.size == len(data) and m.map_size == need * page
