@@ -363,8 +363,8 @@ def run(dir: Optional[str] = None, size_mb: int = 1024, threads: Optional[str | 
                              if best else None)}
     targets["met"] = bool(best and best["gbps"] >= targets["memcpy_gbps"]
                           and targets["baseline_gbps"] is not None and best["gbps"] >= targets["baseline_gbps"])
-    notes.append("fill = memfd_create + ftruncate + MADV_POPULATE_WRITE + pread into a shared mapping + inline "
-                 "chunk digests, into a fresh memfd each run (page allocation included; 'dynsnap parallel fill' "
+    notes.append("fill = memfd_create + ftruncate + pread into a shared mapping (MADV_POPULATE_WRITE first for "
+                 "4 KiB pages) + inline chunk digests, into a fresh memfd each run (page allocation included; 'dynsnap parallel fill' "
                  "forces 4 KiB pages with thp=False, the THP row maps 2 MiB-aligned with MADV_HUGEPAGE); baseline = "
                  "one thread, 1 MiB preads into a fresh memfd mapping, no checksum; memcpy (populated) between two "
                  "populated 4 KiB-page mappings ('populated, THP': between 2 MiB-page mappings; the target uses the "

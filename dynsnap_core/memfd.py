@@ -370,7 +370,7 @@ def _flags(*, hugetlb: bool = False, thp: bool = False, populate: bool = False, 
 
 
 def restore(segments: Iterable[Segment | tuple], threads: Optional[int] = None, *, hugetlb: bool = False,
-            thp: Optional[bool] = None, populate: bool = True, seal: bool = False, direct: bool = False,
+            thp: Optional[bool] = None, populate: Optional[bool] = None, seal: bool = False, direct: bool = False,
             chunk_size: int = 0, block_size: int = 0) -> list[MemFd]:
     """Create one memfd per segment and fill them all with ``threads`` threads (default: CPUs, <= 16).
 
@@ -379,6 +379,7 @@ def restore(segments: Iterable[Segment | tuple], threads: Optional[int] = None, 
     ``thp=None`` (default) advises transparent huge pages when ``shmem_thp()`` says the kernel allows them,
     ``thp=True`` always does (harmless when not allowed), ``thp=False`` never; ``hugetlb=True`` uses hugetlb
     pages (and no THP) and raises ``MemfdError`` when ``vm.nr_hugepages`` has too few free ones;
+    ``populate=None`` (default) pre-faults each unit with MADV_POPULATE_WRITE for 4 KiB pages only;
     ``MemfdError`` when memfds or hugetlb pages are unavailable; ``OSError`` for I/O errors. On any
     failure no memfd is returned (all are closed).
     """
@@ -399,6 +400,10 @@ def restore(segments: Iterable[Segment | tuple], threads: Optional[int] = None, 
     if thp is None:
         thp = not hugetlb and shmem_thp()["allowed"]
     thp = bool(thp) and not hugetlb
+    if populate is None:
+        # MADV_POPULATE_WRITE batches the 4 KiB page faults; with 2 MiB pages it only zeroes each page long
+        # before the copy reaches it (measured ~10% slower on the CPU VM: benches/RESULTS.md, memfd run 2)
+        populate = not (hugetlb or thp)
     flags = _flags(hugetlb=hugetlb, thp=thp, populate=populate, seal=seal, direct=direct)
     try:
         _n, res = _memfd.restore(raw, threads or default_threads(), flags, chunk_size, block_size)
