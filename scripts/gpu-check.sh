@@ -115,8 +115,21 @@ if [[ $want_io == 1 ]]; then
     note "bench io: rc ${PIPESTATUS[0]}, $OUT/bench-io.txt"
 fi
 if [[ $want_memfd == 1 ]]; then
-    $PY -m dynsnap_core.cli bench memfd 2>&1 | tee "$OUT/bench-memfd.txt"
+    # The fill with 2 MiB pages needs shmem THP allowed (advise) and, for the hugetlb rows, reserved pages:
+    # switched on for this run only and put back afterwards (DYNSNAP_MEMFD_MB x 2 MiB pages + slack).
+    MB=${DYNSNAP_MEMFD_MB:-8192}
+    thp_knob=/sys/kernel/mm/transparent_hugepage/hugepages-2048kB/shmem_enabled
+    [[ -e $thp_knob ]] || thp_knob=/sys/kernel/mm/transparent_hugepage/shmem_enabled
+    old_thp=$(sed 's/.*\[\(.*\)\].*/\1/' "$thp_knob" 2>/dev/null || true)
+    old_huge=$(cat /proc/sys/vm/nr_hugepages 2>/dev/null || echo 0)
+    echo advise > "$thp_knob" 2>/dev/null || note "bench memfd: cannot allow shmem THP ($thp_knob)"
+    echo $(( old_huge + MB / 2 + 64 )) > /proc/sys/vm/nr_hugepages 2>/dev/null || note "bench memfd: cannot reserve hugetlb pages"
+    cold_flag=(--no-cold)                       # DYNSNAP_MEMFD_COLD=1 adds the drop_caches rows
+    [[ -n ${DYNSNAP_MEMFD_COLD:-} ]] && cold_flag=()
+    $PY -m dynsnap_core.cli bench memfd --size-mb "$MB" --dir /var/tmp "${cold_flag[@]}" 2>&1 | tee "$OUT/bench-memfd.txt"
     note "bench memfd: rc ${PIPESTATUS[0]}, $OUT/bench-memfd.txt"
+    [[ -n $old_thp ]] && echo "$old_thp" > "$thp_knob" 2>/dev/null
+    echo "$old_huge" > /proc/sys/vm/nr_hugepages 2>/dev/null || true
 fi
 
 if [[ $want_weights == 1 ]]; then
