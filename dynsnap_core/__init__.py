@@ -1,6 +1,7 @@
 """dynsnap_core: checkpoint a warmed-up (GPU) worker into a snapshot and restore it in seconds.
 
-Verbs: ``checkpoint(pid, out)`` -> Snapshot, ``restore(path)`` -> RestoredProcess, ``Snapshot.verify()``.
+Verbs: ``launch(cmd)`` -> pid (a worker in its own pid namespace), ``checkpoint(pid, out)`` -> Snapshot,
+``restore(path)`` -> RestoredProcess, ``Snapshot.verify()``.
 Components live in one module each: ``criu`` (CRIU driver), ``snapshot`` (orchestration), ``manifest``
 (format), ``io`` (C I/O engine), ``cuda`` (driver checkpoint API), ``doctor`` (system checks).
 """
@@ -11,11 +12,12 @@ __version__ = "0.1.0"
 from .errors import (CriuError, CriuUnavailable, CudaError, DynsnapError, InvalidTarget,  # noqa: F401
                      PermissionDenied, ProcessNotFound, SnapshotCorrupt, SnapshotExists, SnapshotNotFound,
                      StorageError)
+from .launch import launch  # noqa: F401
 from .snapshot import (RestoredProcess, Snapshot, checkpoint, list_snapshots, open_snapshot,  # noqa: F401
                        remove, restore)
 
 __all__ = [
-    "__version__", "checkpoint", "restore", "remove", "open_snapshot", "list_snapshots", "Snapshot",
+    "__version__", "launch", "checkpoint", "restore", "remove", "open_snapshot", "list_snapshots", "Snapshot",
     "RestoredProcess",
     "DynsnapError", "PermissionDenied", "ProcessNotFound", "InvalidTarget", "CriuUnavailable", "CriuError",
     "SnapshotExists", "SnapshotNotFound", "SnapshotCorrupt", "StorageError", "CudaError",

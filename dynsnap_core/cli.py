@@ -39,6 +39,17 @@ def cmd_doctor(a) -> int:
     return 0
 
 
+def cmd_run(a) -> int:
+    from .launch import launch
+    cmd = a.argv[1:] if a.argv[:1] == ["--"] else a.argv
+    pid = launch(cmd, log=a.log, cwd=a.cwd)
+    if a.json:
+        _emit_json({"pid": pid, "pid_namespace": True, "log": a.log})
+    else:
+        print(f"started {cmd[0]} in its own pid namespace; checkpoint it with: dynsnap checkpoint --pid {pid}")
+    return 0
+
+
 def cmd_checkpoint(a) -> int:
     from .snapshot import checkpoint
     with Reporter(quiet=a.json) as rep:
@@ -226,6 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("doctor", help="check kernel, privileges, CRIU, I/O backends, CUDA, kvikio")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_doctor)
+
+    s = sub.add_parser("run", help="start a worker in its own pid namespace and session, so that its snapshots "
+                                   "restore on any node, with any pids in use, several times over")
+    s.add_argument("--log", help="append the worker's stdout and stderr here (default: /dev/null)")
+    s.add_argument("--cwd", help="working directory of the worker")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARG ...]")
+    s.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("checkpoint", help="snapshot the process tree rooted at PID")
     s.add_argument("--pid", type=int, required=True)

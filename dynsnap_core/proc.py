@@ -10,7 +10,8 @@ from typing import Optional
 from .errors import InvalidTarget, ProcessNotFound
 
 __all__ = ["exists", "tree", "cmdline", "comm", "rss_bytes", "session_id", "validate_target",
-           "state", "wait_stopped", "unsupported_resources", "set_child_subreaper", "reap_children"]
+           "state", "wait_stopped", "unsupported_resources", "set_child_subreaper", "reap_children",
+           "ns_ids", "pid_namespace_init"]
 
 
 def exists(pid: int) -> bool:
@@ -39,6 +40,39 @@ def _stat_fields(pid: int) -> list[str]:
 
 def session_id(pid: int) -> int:
     return int(_stat_fields(pid)[3])
+
+
+def ns_ids(pid: int | str, key: str = "NSpid") -> list[int]:
+    """pid's ids in each pid namespace from /proc's down to its own (``NSpid``, ``NSsid``, ``NSpgid``)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return [int(x) for x in line.split()[1:]]
+    except (OSError, ValueError):
+        pass
+    return []
+
+
+def pid_namespace_init(pid: int) -> bool:
+    """Whether pid is pid 1 of a pid namespace nested below the caller's (``dynsnap run``'s layout)."""
+    ids = ns_ids(pid)
+    return len(ids) > max(1, len(ns_ids("self"))) and ids[-1] == 1
+
+
+def _namespace_init_of(pid: int) -> Optional[int]:
+    """For a process inside a nested pid namespace: that namespace's init, as a pid of ours."""
+    depth = len(ns_ids(pid))
+    while pid > 1:
+        ids = ns_ids(pid)
+        if len(ids) != depth:
+            return None
+        if ids[-1] == 1:
+            return pid
+        pp = parent(pid)
+        if pp is None:
+            return None
+        pid = pp
+    return None
 
 
 def parent(pid: int) -> Optional[int]:
@@ -134,11 +168,21 @@ _UNSUPPORTED_FDS = {
 def unsupported_resources(pids: list[int]) -> list[str]:
     """Sentences naming resources in these processes that a checkpoint cannot handle (checked before freezing)."""
     found = []
+    own_depth = max(1, len(ns_ids("self")))
     for pid in pids:
         try:
             sid = session_id(pid)
         except (OSError, IndexError, ValueError):
             sid = None
+        inner = ns_ids(pid, "NSsid")        # the session as the process sees it, in its own pid namespace
+        if inner:
+            sid = inner[-1]
+        ids = ns_ids(pid)
+        if pid == pids[0] and len(ids) > own_depth and ids[-1] != 1:
+            init = _namespace_init_of(pid)
+            found.append(f"pid {pid} is pid {ids[-1]} of a pid namespace, and CRIU dumps a pid namespace from its "
+                         f"init: checkpoint " + (f"pid {init} instead" if init else "the namespace's init instead"))
+            continue
         if sid == 0:
             found.append(f"pid {pid} belongs to a session whose leader is outside its pid namespace (it was started "
                          f"from a parent namespace, as `docker exec` or `nsenter` do), which CRIU cannot checkpoint; "

@@ -254,6 +254,7 @@ def checkpoint(pid: int, out: str | os.PathLike | None = None, *, leave_running:
     cmd = proc.cmdline(pid)
     rss = sum(proc.rss_bytes(p) for p in pids)
     shell_job = proc.session_id(pid) != pid
+    pid_namespace = proc.pid_namespace_init(pid)      # `dynsnap run`: restores into a fresh pid namespace
     if log and proc.has_tty(pid):
         log(f"note: pid {pid} has a terminal on its stdio; its snapshot can only be restored from a terminal")
 
@@ -328,7 +329,8 @@ def checkpoint(pid: int, out: str | os.PathLike | None = None, *, leave_running:
                 "kernel": platform.release(), "host": socket.gethostname(), "arch": platform.machine(),
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "created_unix": time.time(), "root_pid": pid, "pids": pids, "cmdline": cmd,
-                "comm": proc.comm(pid), "shell_job": shell_job, "leave_running": leave_running,
+                "comm": proc.comm(pid), "shell_job": shell_job, "pid_namespace": pid_namespace,
+                "leave_running": leave_running,
                 "host_rss_bytes": rss, "files": files, "total_bytes": sum(f["size"] for f in files),
                 "io_engine": engine_used, "dump_staging": dump_where, "cuda": gpu or None,
                 "timings": timings,
@@ -569,7 +571,8 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
     _check_devices(m)
     mf.check_sizes(snap.path, m)
     pid = m["root_pid"]
-    for p in m.get("pids") or [pid]:
+    # a tree that had a pid namespace of its own gets a fresh one: the node's pids do not matter
+    for p in [] if m.get("pid_namespace") else (m.get("pids") or [pid]):
         if proc.exists(p):
             raise DynsnapError(f"pid {p} is in use by a running process ({proc.comm(p)}); a snapshot restores "
                                "with its original pids, so stop that process first", stage="restore", pid=p)

@@ -1,0 +1,117 @@
+"""`dynsnap run`: a worker in its own pid namespace and session, whose snapshot restores with any pids in use,
+several times over, on real CRIU."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dynsnap_core import proc
+from helpers import HERE, cli, request_json
+
+pytestmark = pytest.mark.criu
+
+
+def _wait(cond, what: str, timeout: float = 30) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        proc.reap_children()              # the test runner is the subreaper of everything started here
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def _gone(pid: int) -> bool:
+    return not proc.exists(pid) or proc.state(pid) == "Z"
+
+
+@pytest.fixture
+def inits():
+    """Host pids of namespace inits started or restored by a test: SIGKILL ends each whole namespace."""
+    made: list[int] = []
+    yield made
+    for pid in made:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for pid in made:
+        _wait(lambda: _gone(pid), f"pid {pid} to end")
+
+
+def _run_worker(tmp_path: Path, inits: list[int], *flags: str) -> tuple[int, Path]:
+    sock, ready, log = tmp_path / "w.sock", tmp_path / "ready", tmp_path / "w.log"
+    r = cli("run", "--json", "--log", log, "--", sys.executable, HERE / "workloads" / "zdtm.py", "--sock", sock,
+            "--ready", ready, *flags)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    pid = out["pid"]
+    inits.append(pid)
+    assert out == {"pid": pid, "pid_namespace": True, "log": str(log)}
+    _wait(ready.exists, "the worker to be ready")
+    return pid, sock
+
+
+def test_run_snapshot_restores_twice_side_by_side(tmp_path, home, inits):
+    init, sock = _run_worker(tmp_path, inits, "--mem-mb", "16", "--threads", "2")
+    assert proc.pid_namespace_init(init) and proc.ns_ids(init)[-1] == 1
+    [worker] = proc.children(init)
+    assert proc.ns_ids(worker)[-1] == 2 and proc.ns_ids(worker, "NSsid")[-1] == 1   # session led inside
+    before = request_json(sock, "check")
+    assert before["all_ok"] and before["pid"] == 2
+
+    snap = tmp_path / "snap"
+    r = cli("checkpoint", "--pid", init, "--out", snap)
+    assert r.returncode == 0, r.stderr
+    m = json.loads((snap / "manifest.json").read_text())
+    assert m["pid_namespace"] is True and m["shell_job"] is False and m["pids"] == [init, worker]
+    _wait(lambda: _gone(init), "the checkpointed tree to end")
+
+    copies = []
+    for i in range(2):                    # the second copy runs while the first holds the same in-namespace pids
+        r = cli("restore", snap, "--json")
+        assert r.returncode == 0, r.stderr
+        pid = json.loads(r.stdout)["pid"]
+        inits.append(pid)
+        assert pid != init and proc.pid_namespace_init(pid) and pid not in copies
+        copies.append(pid)
+        after = request_json(sock, "check")
+        assert after["all_ok"] and after["pid"] == 2 and after["counter"] == before["counter"] + 1
+        assert after["mem"]["sha256"] == before["mem"]["sha256"]
+        os.rename(sock, tmp_path / f"copy{i}.sock")   # its listening socket moves aside; the next copy binds anew
+    for i in range(2):
+        assert request_json(tmp_path / f"copy{i}.sock", "check")["counter"] == before["counter"] + 2
+    assert all(proc.exists(p) and proc.state(p) != "Z" for p in copies)
+
+
+def test_sigterm_to_the_init_reaches_the_worker(tmp_path, home, inits):
+    """An init ignores signals it has no handler for; dynsnap's init forwards them, and ends with the worker."""
+    init, sock = _run_worker(tmp_path, inits)
+    [worker] = proc.children(init)
+    os.kill(init, signal.SIGTERM)
+    _wait(lambda: _gone(worker) and _gone(init), "the worker and its init to end on SIGTERM", timeout=10)
+
+
+def test_checkpoint_of_a_namespace_member_names_the_init(tmp_path, home, inits):
+    init, sock = _run_worker(tmp_path, inits)
+    [worker] = proc.children(init)
+    r = cli("checkpoint", "--pid", worker, "--out", tmp_path / "s")
+    assert r.returncode == 1 and r.stderr == (
+        f"dynsnap checkpoint: cannot checkpoint pid {worker}: pid {worker} is pid 2 of a pid namespace, and CRIU "
+        f"dumps a pid namespace from its init: checkpoint pid {init} instead\n")
+    assert not (tmp_path / "s").exists()
+    assert proc.state(worker) != "T" and request_json(sock, "check")["all_ok"]
+
+
+@pytest.mark.parametrize("argv, msg", [
+    ([], "nothing to run: give a command after --"),
+    (["--", "/nonexistent/worker"], "cannot execute /nonexistent/worker: No such file or directory"),
+])
+def test_run_bad_command(tmp_path, argv, msg):
+    r = cli("run", *argv)
+    assert (r.returncode, r.stdout, r.stderr) == (1, "", f"dynsnap run: {msg}\n")
