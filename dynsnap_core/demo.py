@@ -1,4 +1,5 @@
-"""dynsnap demo: warm a sample worker, answer a request, snapshot it, kill it, restore it, answer again, compare."""
+"""dynsnap demo: warm a sample worker, answer a request, snapshot it, kill it, restore it, answer again, compare;
+then restore a second copy of the same snapshot beside the first (the worker runs in its own pid namespace)."""
 from __future__ import annotations
 
 import json
@@ -10,21 +11,23 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 from . import proc
 from .demo_worker import request
 from .errors import DynsnapError
+from .launch import launch
 from .snapshot import checkpoint, default_home, restore
 from .ui import Reporter, _human
 
 __all__ = ["main", "run"]
 
 
-def _wait_ready(p: subprocess.Popen, ready: Path, sock: Path, timeout: float = 300) -> None:
+def _wait_ready(ended: Callable[[], bool], ready: Path, sock: Path, timeout: float = 300) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        if p.poll() is not None:
-            raise DynsnapError(f"the demo worker exited with status {p.returncode} during warm-up", stage="demo")
+        if ended():
+            raise DynsnapError("the demo worker exited during warm-up (see worker.log with --keep)", stage="demo")
         if ready.exists() and sock.exists():
             return
         time.sleep(0.01)
@@ -54,27 +57,39 @@ def run(mb: int = 512, keep: bool = False, rep: Reporter | None = None, memsvc: 
         svc = ms.spawn(svc_sock, log=svc_log)
         svc_log.close()
         cmd += ["--memsvc", str(svc_sock)]
+    second_pid = None
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     try:
         t0 = time.perf_counter()
         with rep.step(f"cold start: worker computes {mb} MiB of state ({rounds} passes)"):
-            worker = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                      start_new_session=True, cwd=work,
-                                      env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-            _wait_ready(worker, ready, sock)
+            if svc is None:
+                # in its own pid namespace (dynsnap run): the snapshot can be restored twice side by side
+                target = launch(cmd, log=work / "worker.log", cwd=work, env=env)
+                _wait_ready(lambda: not proc.exists(target) or proc.state(target) == "Z", ready, sock)
+            else:
+                worker = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                          start_new_session=True, cwd=work, env=env)
+                target = worker.pid
+                _wait_ready(lambda: worker.poll() is not None, ready, sock)
             before = request(str(sock), "query 7")
         cold = time.perf_counter() - t0
-        rep.say(f"worker pid {worker.pid} ready; answer to 'query 7': {before}")
+        rep.say(f"worker pid {target} ready; answer to 'query 7': {before}")
 
         t0 = time.perf_counter()
         if svc is not None:
-            snap = ms.checkpoint_with_regions(worker.pid, snapdir, service=svc_sock, regions=["demo-state"],
+            snap = ms.checkpoint_with_regions(target, snapdir, service=svc_sock, regions=["demo-state"],
                                               store=work / "weights", progress=rep.update,
                                               quiesce_worker=lambda: request(str(sock), "detach"))
         else:
-            snap = checkpoint(worker.pid, snapdir, progress=rep.update)
+            snap = checkpoint(target, snapdir, progress=rep.update)
         rep.finish()
         ckpt = time.perf_counter() - t0
-        worker.wait(timeout=30)          # reap it: the restored worker needs its pid back
+        if worker is not None:
+            worker.wait(timeout=30)      # reap it: the restored worker needs its pid back
+        else:
+            end = time.monotonic() + 30
+            while proc.exists(target) and proc.state(target) != "Z" and time.monotonic() < end:
+                time.sleep(0.01)
         rep.say(f"snapshot {_human(snap.total_bytes)} at {snapdir}; worker stopped and killed")
 
         t0 = time.perf_counter()
@@ -94,9 +109,22 @@ def run(mb: int = 512, keep: bool = False, rep: Reporter | None = None, memsvc: 
         stats = json.loads(request(str(sock), "stats"))
         same = after == before
         rep.say(f"restored pid {r.pid}; answer to 'query 7': {after} ({'identical' if same else 'DIFFERENT'})")
+        second = None
+        if svc is None:
+            os.rename(sock, work / "worker-1.sock")   # the first copy keeps serving there; the second binds anew
+            t0 = time.perf_counter()
+            r2 = restore(snapdir, progress=rep.update)
+            rep.finish()
+            second_pid = r2.pid
+            answer2 = request(str(sock), "query 7")
+            second = {"pid": r2.pid, "first_answer_s": time.perf_counter() - t0, "answer": answer2,
+                      "ok": answer2 == before and request(str(work / "worker-1.sock"), "query 7") == before}
+            rep.say(f"second copy of the same snapshot: pid {r2.pid}, beside pid {r.pid}; answer: {answer2} "
+                    f"({'identical' if second['ok'] else 'DIFFERENT'})")
         size = snap.total_bytes
         return {
-            "ok": same, "answer_before": before, "answer_after": after, "pid": worker.pid,
+            "ok": same and (second is None or second["ok"]), "answer_before": before, "answer_after": after,
+            "pid": target, "second_copy": second,
             "restored_pid": r.pid, "requests_served_by_restored": stats["served"],
             "cold_start_s": cold, "checkpoint_s": ckpt, "restore_s": t_restore,
             "first_answer_after_restore_s": first_answer, "image_bytes": size,
@@ -106,8 +134,9 @@ def run(mb: int = 512, keep: bool = False, rep: Reporter | None = None, memsvc: 
             "weights_bytes": (mb << 20) if memsvc else 0,
         }
     finally:
-        if restored_pid and proc.exists(restored_pid):
-            os.kill(restored_pid, signal.SIGKILL)
+        for pid in (restored_pid, second_pid):
+            if pid and proc.exists(pid):
+                os.kill(pid, signal.SIGKILL)
         if worker is not None and worker.poll() is None:
             worker.kill()
             worker.wait()
@@ -133,6 +162,9 @@ def format_table(res: dict) -> str:
         ("first answer vs cold start", f"{res['speedup_vs_cold']:.1f}x faster"),
         ("same answer after restore", "yes" if res["ok"] else "NO"),
     ]
+    if res.get("second_copy"):
+        rows.insert(-1, ("second copy side by side (restore -> answer)",
+                         f"{res['second_copy']['first_answer_s']:.2f} s"))
     w = max(len(a) for a, _ in rows)
     return "\n".join(f"{a:<{w}}  {b}" for a, b in rows)
 

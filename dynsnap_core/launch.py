@@ -40,21 +40,28 @@ def launch(cmd: Sequence[str], *, log: Optional[str | os.PathLike] = None, cwd: 
     unshare, setsid = shutil.which("unshare"), shutil.which("setsid")
     if not unshare or not setsid:
         raise DynsnapError("dynsnap run needs unshare and setsid (util-linux) on PATH", stage="run")
-    out = open(log if log is not None else os.devnull, "ab")
+    logarg = []
+    if log is not None:
+        log = os.path.abspath(log)
+        try:
+            open(log, "ab").close()
+        except OSError as e:
+            raise DynsnapError(f"cannot open the log {log}: {e.strerror}", stage="run") from None
+        logarg = ["--log", log]
     r, w = os.pipe()
     try:
         # setsid --fork: the process we wait for exits at once; unshare runs on, orphaned, as the namespace's
         # parent (a long-lived orchestrator collects no zombie), and the status pipe crosses both execs
         p = subprocess.Popen([setsid, "--fork", unshare, "--pid", "--fork", sys.executable, "-I", "-S",
-                              str(NSINIT), "--status-fd", str(w), "--", *cmd],
-                             stdin=subprocess.DEVNULL, stdout=out, stderr=out, pass_fds=(w,),
+                              str(NSINIT), "--status-fd", str(w), *logarg, "--", *cmd],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             pass_fds=(w,),
                              cwd=cwd, env=dict(env) if env is not None else None)
         os.close(w)
         w = -1
         p.wait()
         status = _read_status(r, timeout)
     finally:
-        out.close()
         os.close(r)
         if w >= 0:
             os.close(w)

@@ -24,11 +24,25 @@ def _report(fd: int, line: str) -> None:
 
 
 def main(argv: list) -> int:
-    status_fd = -1
-    if len(argv) >= 2 and argv[0] == "--status-fd":
-        status_fd = int(argv[1])
+    status_fd, log = -1, None
+    while len(argv) >= 2 and argv[0] in ("--status-fd", "--log"):
+        if argv[0] == "--status-fd":
+            status_fd = int(argv[1])
+            os.set_inheritable(status_fd, False)    # the worker must not hold it (launch waits for its EOF)
+        else:
+            log = argv[1]
         argv = argv[2:]
-        os.set_inheritable(status_fd, False)        # the worker must not hold it (launch waits for its EOF)
+    if log is not None:
+        # the worker's stdout and stderr; opened here so that nothing outside the namespace (unshare's own
+        # messages when the tree is killed after a checkpoint) writes to it: CRIU checks that file's size
+        try:
+            fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as e:
+            _report(status_fd, f"error cannot open the log {log}: {e.strerror}")
+            return 2
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
     if argv[:1] == ["--"]:
         argv = argv[1:]
     if not argv:

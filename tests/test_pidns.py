@@ -90,11 +90,15 @@ def test_run_snapshot_restores_twice_side_by_side(tmp_path, home, inits):
 
 
 def test_sigterm_to_the_init_reaches_the_worker(tmp_path, home, inits):
-    """An init ignores signals it has no handler for; dynsnap's init forwards them, and ends with the worker."""
+    """An init ignores signals it has no handler for; dynsnap's init forwards them, and ends with the worker.
+    The worker's output goes to the log and nothing else does."""
     init, sock = _run_worker(tmp_path, inits)
     [worker] = proc.children(init)
+    assert os.readlink(f"/proc/{worker}/fd/1") == os.readlink(f"/proc/{worker}/fd/2") == str(tmp_path / "w.log")
+    assert os.readlink(f"/proc/{worker}/fd/0") == "/dev/null"
     os.kill(init, signal.SIGTERM)
     _wait(lambda: _gone(worker) and _gone(init), "the worker and its init to end on SIGTERM", timeout=10)
+    assert (tmp_path / "w.log").read_text() == ""
 
 
 def test_checkpoint_of_a_namespace_member_names_the_init(tmp_path, home, inits):
@@ -111,6 +115,8 @@ def test_checkpoint_of_a_namespace_member_names_the_init(tmp_path, home, inits):
 @pytest.mark.parametrize("argv, msg", [
     ([], "nothing to run: give a command after --"),
     (["--", "/nonexistent/worker"], "cannot execute /nonexistent/worker: No such file or directory"),
+    (["--log", "/nonexistent/dir/w.log", "--", "true"],
+     "cannot open the log /nonexistent/dir/w.log: No such file or directory"),
 ])
 def test_run_bad_command(tmp_path, argv, msg):
     r = cli("run", *argv)
