@@ -87,6 +87,11 @@ def format_text(info: dict) -> str:
         + ", ".join(f"{k}: {v}" for k, v in sorted(info["bytes_by_kind"].items())),
         "timings    " + ", ".join(f"{k} {v:.3f} s" for k, v in m.get("timings", {}).items()),
     ]
+    restore = ("into a fresh pid namespace: any pids may be in use, copies can run side by side"
+               if m.get("pid_namespace") else "with its original pids, which must be free")
+    if m.get("shell_job"):
+        restore += "; a shell job: restore from a terminal"
+    lines.append(f"restores   {restore}")
     if m.get("weights"):
         w = m["weights"]
         lines.append(f"weights    {len(w['regions'])} region(s) outside the image, "

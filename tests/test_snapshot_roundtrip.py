@@ -115,6 +115,7 @@ def test_default_home_list_inspect_verify(workload, tmp_path, home):
     assert info["kind"] == "snapshot" and info["manifest"]["root_pid"] == w.pid
     r = cli("inspect", path)
     assert f"pid {w.pid}" in r.stdout and "xxh3-64" in r.stdout
+    assert "restores   with its original pids, which must be free\n" in r.stdout
     r = cli("inspect", os.path.join(path, "criu", "core-%d.img" % w.pid), "--json")
     assert json.loads(r.stdout)["kind"] == "criu image"
 
