@@ -164,6 +164,14 @@ def _kvikio() -> Any:
 
 
 def _kvikio_compat(kvikio: Any) -> bool:
+    """Whether kvikio will read through its POSIX compat mode (no GDS): its own verdict when it has one (a
+    compat mode of AUTO resolves to compat when cuFile is unavailable), else the configured mode."""
+    d = kvikio.defaults
+    if hasattr(d, "is_compat_mode_preferred"):
+        try:
+            return bool(d.is_compat_mode_preferred())
+        except Exception:  # noqa: BLE001 - fall back to the configured mode
+            pass
     try:
         v = kvikio.defaults.compat_mode()
     except Exception:  # noqa: BLE001 - API differs across versions
