@@ -25,10 +25,11 @@ this call are freed and the error (``ShardCorrupt``, ``TensorMismatch``, ``Weigh
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 from . import memfd
 from .errors import SnapshotCorrupt
@@ -495,21 +496,21 @@ def _load_kvikio(ws: WeightSet, ptrs: dict, verify: bool) -> dict:
     if kvikio is None:
         raise PathUnavailable("path 'kvikio' cannot run: kvikio not installed (pip install dynsnap-core[gpu])")
     compat = _kvikio_compat(kvikio)
-    _kvikio_tune(kvikio, defaults.kvikio_threads, defaults.kvikio_task_size)
     t0 = time.perf_counter()
-    for i in range(len(ws.shards)):
-        path = _check_shard(ws, i)
-        f = kvikio.CuFile(path, "r")
-        try:
-            futs = [(t, f.pread(_RawDev(ptrs[t.name], t.nbytes), t.nbytes, t.offset, defaults.kvikio_task_size))
-                    for t in ws.tensors_in(i) if t.nbytes]
-            for t, fut in futs:
-                n = fut.get()
-                if n != t.nbytes:
-                    raise ShardCorrupt(f"shard {path} gave {n} of {t.nbytes} bytes of tensor {t.name!r}",
-                                       shard=path, tensor=t.name, path=path)
-        finally:
-            f.close()
+    with _kvikio_tuned(kvikio, defaults.kvikio_threads, defaults.kvikio_task_size):
+        for i in range(len(ws.shards)):
+            path = _check_shard(ws, i)
+            f = kvikio.CuFile(path, "r")
+            try:
+                futs = [(t, f.pread(_RawDev(ptrs[t.name], t.nbytes), t.nbytes, t.offset,
+                                    defaults.kvikio_task_size)) for t in ws.tensors_in(i) if t.nbytes]
+                for t, fut in futs:
+                    n = fut.get()
+                    if n != t.nbytes:
+                        raise ShardCorrupt(f"shard {path} gave {n} of {t.nbytes} bytes of tensor {t.name!r}",
+                                           shard=path, tensor=t.name, path=path)
+            finally:
+                f.close()
     t_read = time.perf_counter() - t0
     if verify:  # kvikio does not hash: check the shards through the page cache afterwards
         ws.verify()
@@ -517,16 +518,31 @@ def _load_kvikio(ws: WeightSet, ptrs: dict, verify: bool) -> dict:
             "kvikio_task_size": defaults.kvikio_task_size, "verified": verify}
 
 
-def _kvikio_tune(kvikio: Any, threads: int, task_size: int) -> None:
+@contextlib.contextmanager
+def _kvikio_tuned(kvikio: Any, threads: int, task_size: int) -> Iterator[None]:
+    """kvikio's thread pool and task size set for one load, and put back after it (the process may use
+    kvikio itself, and `bench weights` measures kvikio's own defaults in the same process)."""
     d = kvikio.defaults
     try:
-        d.set({"num_threads": threads, "task_size": task_size})
-        return
+        cm = d.set({"num_threads": threads, "task_size": task_size})   # kvikio >= 25.x: sets now, reverts on exit
     except Exception:  # noqa: BLE001 - older kvikio
-        pass
-    for fn, v in (("num_threads_reset", threads), ("task_size_reset", task_size)):
-        if hasattr(d, fn):
-            getattr(d, fn)(v)
+        cm = None
+    if cm is not None and hasattr(cm, "__exit__"):
+        with cm:
+            yield
+        return
+    saved = []
+    for setter, getter, v in (("num_threads_reset", "get_num_threads", threads),
+                              ("task_size_reset", "task_size", task_size)):
+        if hasattr(d, setter):
+            saved.append((setter, getattr(d, getter)() if hasattr(d, getter) else None))
+            getattr(d, setter)(v)
+    try:
+        yield
+    finally:
+        for setter, old in saved:
+            if old is not None:
+                getattr(d, setter)(old)
 
 
 def _load_host(ws: WeightSet, verify: bool) -> tuple[dict, dict]:
