@@ -69,9 +69,11 @@ def launch(cmd: Sequence[str], *, log: Optional[str | os.PathLike] = None, cwd: 
         return int(status.split()[1])
     if status.startswith("error "):
         raise DynsnapError(status[6:], stage="run")
-    where = f"; see {log}" if log else ""
-    raise DynsnapError(f"the pid namespace for {cmd[0]} could not be set up (unshare --pid needs root or a user "
-                       f"namespace){where}", stage="run")
+    if os.geteuid() != 0:
+        raise DynsnapError("run needs root (CAP_SYS_ADMIN) to create the worker's pid namespace; run dynsnap with "
+                           "sudo", stage="run")
+    raise DynsnapError(f"the pid namespace for {cmd[0]} could not be set up (unshare --pid failed; is this a "
+                       f"container without CAP_SYS_ADMIN?)", stage="run")
 
 
 def _read_status(fd: int, timeout: float) -> str:

@@ -123,3 +123,10 @@ def test_checkpoint_of_a_namespace_member_names_the_init(tmp_path, home, inits):
 def test_run_bad_command(tmp_path, argv, msg):
     r = cli("run", *argv)
     assert (r.returncode, r.stdout, r.stderr) == (1, "", f"dynsnap run: {msg}\n")
+
+
+def test_run_needs_root(tmp_path):
+    r = cli("run", "--", "sleep", "30", user=65534)
+    assert (r.returncode, r.stdout, r.stderr) == (
+        1, "", "dynsnap run: run needs root (CAP_SYS_ADMIN) to create the worker's pid namespace; run dynsnap with "
+        "sudo\n")
