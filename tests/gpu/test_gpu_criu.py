@@ -101,3 +101,44 @@ def test_dump_failure_keeps_worker_serving(worker, tmp_path):
     assert cuda.state(worker.pid) is cuda.CudaState.RUNNING
     assert worker.request("ping") == "pong"
     assert worker.request("hash") == h0
+
+
+def test_worker_in_its_own_pid_namespace(tmp_path, restored):
+    """`dynsnap run` layout on a GPU: the driver checkpoints the worker (pid 2 of the namespace, found by asking
+    the driver), the restore gets a fresh namespace and new pids, and the data and results are bit-exact."""
+    import sys
+    import time
+    import uuid
+
+    import dynsnap_core.cuda as cuda
+    from dynsnap_core import proc
+    from dynsnap_core.demo_worker import request
+    from dynsnap_core.launch import launch
+    from gpu_helpers import WORKER
+
+    sock, ready, log = "@dynsnap-gpu-" + uuid.uuid4().hex[:12], tmp_path / "ready", tmp_path / "w.log"
+    init = launch([sys.executable, WORKER, "--gb", "1", "--sock", sock, "--ready", str(ready), "--seed", "77"],
+                  log=log, cwd=tmp_path)
+    restored.append(init)               # killed and reaped at the end: SIGKILL of the init ends its namespace
+    deadline = time.monotonic() + 600
+    while not ready.exists():
+        assert alive(init) and time.monotonic() < deadline, f"worker did not start: {log.read_text()[-2000:]}"
+        time.sleep(0.1)
+
+    def ask(cmd: str) -> str:
+        return request("\0" + sock[1:], cmd, 300, bufsize=65536)
+
+    [worker] = proc.children(init)
+    h0, m0 = ask("hash"), ask("matmul")
+    snap = str(tmp_path / "snap")
+    r = _checkpoint(init, snap)
+    assert r.returncode == 0, f"checkpoint failed: {r.stderr[-3000:]}"
+    import json
+    m = json.loads((tmp_path / "snap" / "manifest.json").read_text())
+    assert m["pid_namespace"] is True and m["cuda"]["pids"] == [worker]
+    reap(init)
+    pid = _restore(snap, restored)
+    assert pid != init and proc.pid_namespace_init(pid)
+    [w2] = proc.children(pid)
+    assert cuda.state(w2) is cuda.CudaState.RUNNING
+    assert ask("hash") == h0 and ask("matmul") == m0
