@@ -31,8 +31,8 @@ def launch(cmd: Sequence[str], *, log: Optional[str | os.PathLike] = None, cwd: 
     """Start ``cmd`` detached in a new pid namespace and session; return the pid to checkpoint (its init).
 
     stdin is /dev/null, stdout and stderr go to ``log`` (appended; default /dev/null). Raises
-    ``DynsnapError`` with one sentence when ``cmd`` is empty or cannot be executed, or the namespace
-    cannot be created.
+    ``DynsnapError`` with one sentence when ``cmd`` is empty or cannot be executed, ``cwd`` or ``log``
+    cannot be used, or the namespace cannot be created.
     """
     cmd = [os.fspath(c) for c in cmd]
     if not cmd:
@@ -40,6 +40,8 @@ def launch(cmd: Sequence[str], *, log: Optional[str | os.PathLike] = None, cwd: 
     unshare, setsid = shutil.which("unshare"), shutil.which("setsid")
     if not unshare or not setsid:
         raise DynsnapError("dynsnap run needs unshare and setsid (util-linux) on PATH", stage="run")
+    if cwd is not None and not os.path.isdir(cwd):
+        raise DynsnapError(f"no such directory for the worker: {cwd}", stage="run")
     logarg = []
     if log is not None:
         log = os.path.abspath(log)

@@ -119,6 +119,7 @@ def test_checkpoint_of_a_namespace_member_names_the_init(tmp_path, home, inits):
     (["--", "/nonexistent/worker"], "cannot execute /nonexistent/worker: No such file or directory"),
     (["--log", "/nonexistent/dir/w.log", "--", "true"],
      "cannot open the log /nonexistent/dir/w.log: No such file or directory"),
+    (["--cwd", "/nonexistent/dir", "--", "true"], "no such directory for the worker: /nonexistent/dir"),
 ])
 def test_run_bad_command(tmp_path, argv, msg):
     r = cli("run", *argv)
