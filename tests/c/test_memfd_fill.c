@@ -3,7 +3,7 @@
 
 int main(void)
 {
-	static const unsigned flagsets[] = { 0, DS_MEMFD_POPULATE, DS_MEMFD_THP | DS_MEMFD_POPULATE,
+	static const unsigned flagsets[] = { 0, DS_MEMFD_POPULATE, DS_MEMFD_THP, DS_MEMFD_THP | DS_MEMFD_POPULATE,
 					     DS_MEMFD_DIRECT, DS_MEMFD_SEAL | DS_MEMFD_DIRECT | DS_MEMFD_POPULATE };
 	static const unsigned threads[] = { 1, 2, 3, 8 };
 	const size_t size = (21u << 20) + 12345;   /* odd size: unaligned tails, a partial hash chunk */
