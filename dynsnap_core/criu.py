@@ -8,7 +8,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from .errors import CriuError, CriuUnavailable, PermissionDenied
 
@@ -74,22 +74,48 @@ class Criu:
         return ".".join(str(v) for v in self.version)
 
     def run(self, args: Sequence[str], *, log: Path, stage: str, pid: Optional[int] = None,
-            timeout: Optional[float] = None, env: Optional[dict] = None, inherit_stdin: bool = False) -> float:
-        """Run ``criu ARGS -o LOG -v4``; raise CriuError with one sentence on failure; return seconds."""
+            timeout: Optional[float] = None, env: Optional[dict] = None, inherit_stdin: bool = False,
+            on_start: Optional[Callable[[int], None]] = None) -> float:
+        """Run ``criu ARGS -o LOG -v4``; raise CriuError with one sentence on failure; return seconds.
+
+        CRIU runs in its own process group (unless it needs our terminal): a Ctrl-C meant for dynsnap must
+        not kill CRIU while its parasite code runs inside the target, which would leave the target wedged.
+        With ``on_start``, CRIU waits behind a gate until ``on_start(pid)`` has returned (dynsnap tells its
+        guardian which process to wait for): if dynsnap dies first, CRIU never starts.
+        """
         cmd = [self.path, *args, "-o", str(log), "-v4"]
+        if on_start is not None:
+            cmd = ["/bin/sh", "-c", 'read -r go && exec "$0" "$@" </dev/null', *cmd]
+        stdin = subprocess.PIPE if on_start is not None else (None if inherit_stdin else subprocess.DEVNULL)
         t0 = time.perf_counter()
         try:
-            proc = subprocess.run(cmd, stdin=None if inherit_stdin else subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True, timeout=timeout,
-                                  env={**os.environ, **env} if env else None)
-        except subprocess.TimeoutExpired:
-            raise CriuError(f"CRIU {stage} did not finish within {timeout:.0f} s", stage=stage, pid=pid,
-                            log=str(log)) from None
+            p = subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 env={**os.environ, **env} if env else None,
+                                 **({} if inherit_stdin else {"process_group": 0}))
         except OSError as e:
             raise CriuUnavailable(f"cannot run CRIU at {self.path}: {e.strerror}", stage=stage) from None
+        try:
+            if on_start is not None:
+                gate, p.stdin = p.stdin, None
+                try:
+                    on_start(p.pid)
+                    gate.write("go\n")
+                finally:
+                    gate.close()        # without "go" the gate reads EOF and CRIU never starts
+            out, _ = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.communicate()
+            raise CriuError(f"CRIU {stage} did not finish within {timeout:.0f} s", stage=stage, pid=pid,
+                            log=str(log)) from None
+        except BaseException:
+            # dynsnap is being interrupted: CRIU finishes on its own (killing it mid-dump would wedge the
+            # target); wait for it so that the caller's rollback sees the tree as CRIU left it
+            p.communicate()
+            raise
         dt = time.perf_counter() - t0
-        if proc.returncode != 0:
-            raise CriuError(explain_failure(stage, pid, log, proc.stdout), stage=stage, pid=pid, log=str(log))
+        if p.returncode != 0:
+            raise CriuError(explain_failure(stage, pid, log, out), stage=stage, pid=pid, log=str(log))
         return dt
 
     def check(self) -> tuple[bool, str]:

@@ -2,8 +2,8 @@
 
 `dynsnap checkpoint` starts it (in its own session) before freezing anything and talks to it over a pipe. When
 dynsnap finishes it writes ``done``; if the pipe closes without that line, dynsnap died (SIGKILL, OOM): the
-guardian waits until CRIU no longer traces the tree, then continues it and, for CUDA processes, restores and
-unlocks their GPU state. Run as ``python -m dynsnap_core.guardian --pids 1,2 [--cuda-pids 2]``.
+guardian waits until CRIU has ended (dynsnap names its process before CRIU may start) and no longer traces the
+tree, then continues it and, for CUDA processes, restores and unlocks their GPU state. Run as ``python -m dynsnap_core.guardian --pids 1,2 [--cuda-pids 2]``.
 """
 from __future__ import annotations
 
@@ -34,6 +34,11 @@ class Guardian:
 
     def cuda(self, cuda_pids: list[int]) -> None:
         self._send(f"cuda {','.join(map(str, cuda_pids))}")
+
+    def criu(self, pid: int) -> None:
+        """CRIU's pid, sent before CRIU may start (Criu.run's gate): after a death of dynsnap the guardian waits
+        for that process to end, so that it never continues a tree that CRIU is about to freeze or is dumping."""
+        self._send(f"criu {pid}")
 
     def _send(self, line: str) -> None:
         if self._proc and self._proc.stdin:
@@ -67,9 +72,19 @@ def _traced(pid: int) -> bool:
     return False
 
 
-def _rescue(pids: list[int], cuda_pids: list[int]) -> None:
+def _running(pid: int) -> bool:
+    """pid exists and has not exited (a zombie has)."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return data[data.rindex(")") + 2] != "Z"
+
+
+def _rescue(pids: list[int], cuda_pids: list[int], criu_pids: list[int]) -> None:
     end = time.monotonic() + 600
-    while time.monotonic() < end and any(_traced(p) for p in pids):   # CRIU still at work: let it finish
+    # CRIU still at work (or about to seize the tree): let it finish first
+    while time.monotonic() < end and (any(_running(c) for c in criu_pids) or any(_traced(p) for p in pids)):
         time.sleep(0.05)
     for p in pids:
         try:
@@ -89,13 +104,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     pids = [int(x) for x in a.pids.split(",") if x]
     cuda_pids: list[int] = []
+    criu_pids: list[int] = []
     for raw in sys.stdin.buffer:
         line = raw.decode().strip()
         if line == "done":
             return 0
         if line.startswith("cuda "):
             cuda_pids = [int(x) for x in line[5:].split(",") if x]
-    _rescue(pids, cuda_pids)
+        elif line.startswith("criu "):
+            criu_pids.append(int(line[5:]))
+    _rescue(pids, cuda_pids, criu_pids)
     return 0
 
 

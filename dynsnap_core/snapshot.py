@@ -310,7 +310,8 @@ def checkpoint(pid: int, out: str | os.PathLike | None = None, *, leave_running:
             if progress:
                 progress("criu dump", 0, 1)
             frozen = True       # from here on, a failure must resume the tree (CRIU may leave it stopped)
-            timings["criu_dump"] = criu.run(args, log=dump_dir / "dump.log", stage="dump", pid=pid, env=fault)
+            timings["criu_dump"] = criu.run(args, log=dump_dir / "dump.log", stage="dump", pid=pid, env=fault,
+                                            on_start=guardian.criu)
             proc.wait_stopped(pids)
             _check_interrupt(sigstate, "dump")
             if leave_running:

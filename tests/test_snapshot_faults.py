@@ -201,18 +201,23 @@ def test_damaged_snapshot_is_refused(snapshot, damage):
     assert not w.alive(), "nothing may be restored from a damaged snapshot"
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_killed_checkpoint_leaves_none_or_complete(sig, workload, tmp_path, home):
-    """Kill `dynsnap checkpoint` at several moments: either no snapshot or a complete, verifiable one."""
+@pytest.mark.parametrize("sig, group", [(signal.SIGTERM, False), (signal.SIGKILL, False), (signal.SIGINT, True)],
+                         ids=["SIGTERM", "SIGKILL", "Ctrl-C"])
+def test_killed_checkpoint_leaves_none_or_complete(sig, group, workload, tmp_path, home):
+    """Kill `dynsnap checkpoint` at several moments: either no snapshot or a complete, verifiable one. Ctrl-C
+    reaches the whole process group of a terminal's job: CRIU, in its own group, must not get it."""
     w = workload("--mem-mb", "200")
     outcomes = []
     for i, delay in enumerate((0.05, 0.3, 0.6, 0.9, 1.3)):
         out = tmp_path / f"s{i}"
         p = subprocess.Popen([sys.executable, "-m", "dynsnap_core.cli", "checkpoint", "--pid", str(w.pid),
                               "--out", str(out), "--leave-running"], cwd=ROOT,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=group)
         time.sleep(delay)
-        p.send_signal(sig)
+        if group:
+            os.killpg(p.pid, sig)
+        else:
+            p.send_signal(sig)
         p.communicate(timeout=120)
         if out.exists():
             r = cli("verify", out)
@@ -223,9 +228,9 @@ def test_killed_checkpoint_leaves_none_or_complete(sig, workload, tmp_path, home
         if sig == signal.SIGKILL:
             # SIGKILL cannot be caught: dynsnap's guardian waits for CRIU to let go, then continues the tree.
             end = time.monotonic() + 60
-            while time.monotonic() < end and w.state() == "T":
+            while time.monotonic() < end and w.state() in ("T", "t"):     # stopped, or CRIU still tracing
                 time.sleep(0.05)
-        if sig == signal.SIGTERM:
+        if sig != signal.SIGKILL:
             assert not [x for x in tmp_path.iterdir() if "staging" in x.name], "staging must be cleaned"
         assert w.state() != "T", f"source left stopped after {sig.name} at {delay}s"
         assert w.alive() and w.request()["all_ok"]
@@ -237,6 +242,43 @@ def test_killed_checkpoint_leaves_none_or_complete(sig, workload, tmp_path, home
     left = [n for n in os.listdir("/dev/shm") if n.startswith("dynsnap-dump-") and not exists(int(n.split("-")[2]))]
     assert left == []
     assert outcomes  # every outcome was either 'none' or a verified 'complete'
+
+
+def test_guardian_waits_for_criu_before_continuing(workload):
+    """After dynsnap dies, the guardian continues the tree only once the CRIU process it was told about has
+    ended (CRIU may not even have seized the tree yet when dynsnap dies)."""
+    from dynsnap_core.guardian import Guardian
+    w = workload()
+    stand_in = subprocess.Popen(["sleep", "1.5"])      # the process the guardian must outlive, as it would CRIU
+    g = Guardian([w.pid])
+    g.criu(stand_in.pid)
+    os.kill(w.pid, signal.SIGSTOP)                    # as CRIU --leave-stopped leaves it
+    g._proc.stdin.close()                             # dynsnap "dies": the pipe closes without "done"
+    time.sleep(1.0)
+    assert stand_in.poll() is None and w.state() == "T", "continued while CRIU was still running"
+    stand_in.wait()
+    g._proc.wait(timeout=30)
+    assert w.state() != "T" and w.request()["all_ok"]
+
+
+def test_criu_gate_closed_means_criu_never_runs(workload, tmp_path):
+    """If dynsnap dies before it opened CRIU's gate (here: on_start fails), CRIU never starts: no dump, no freeze."""
+    from dynsnap_core.criu import find_criu
+    w = workload("--mem-mb", "16")
+    seen = []
+
+    def dies(pid: int) -> None:
+        seen.append(pid)
+        raise KeyboardInterrupt
+
+    images = tmp_path / "images"
+    images.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        find_criu().run(["dump", "-t", str(w.pid), "-D", str(images), "--leave-stopped"], log=images / "d.log",
+                        stage="dump", pid=w.pid, on_start=dies)
+    assert len(seen) == 1 and not os.path.exists(f"/proc/{seen[0]}")     # the gate exited (and was reaped)
+    assert list(images.iterdir()) == []                                  # CRIU never ran: not even its log
+    assert w.state() not in ("T", "t") and w.request()["all_ok"]
 
 
 def test_gpu_snapshot_refused_without_driver(snapshot):
