@@ -67,35 +67,29 @@ def _timed(fn: Callable[[], Any], nbytes: int, cold: bool) -> dict:
 
 
 def _fio(fio: str, path: str, rw: str, size_mb: int, block_kb: int, qd: int, engine: str = "libaio") -> dict:
-    cmd = [fio, "--name=dynsnap-bench", f"--filename={path}", f"--rw={rw}", f"--bs={block_kb}k",
-           f"--iodepth={qd}", f"--ioengine={engine}", "--direct=1", f"--size={size_mb}M",
-           "--end_fsync=1" if rw == "write" else "--invalidate=1", "--output-format=json"]
-    c0 = _cpu()
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    cpu = _cpu() - c0
-    if r.returncode:
-        raise RuntimeError(f"fio failed: {r.stderr.strip()[-300:]}")
-    job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
-    side = job["write" if rw == "write" else "read"]
-    gbps = side["bw_bytes"] / 1e9
-    nbytes = size_mb << 20
-    return {"seconds": round(nbytes / 1e9 / gbps, 4) if gbps else 0.0, "gbps": round(gbps, 3),
-            "cpu_s_per_gb": round(cpu / (nbytes / 1e9), 3)}
+    return _fio_jobs(fio, [(rw, path)], size_mb, block_kb, qd, engine)
 
 
 def _fio_copy(fio: str, src: str, dst: str, size_mb: int, block_kb: int, qd: int, engine: str) -> dict:
     """fio reading src while it writes dst (two jobs at once, O_DIRECT): the device's limit for a copy whose
     reads and writes overlap. A copy of N bytes moves N each way, so its limit is the slower of the two."""
-    common = [f"--bs={block_kb}k", f"--iodepth={qd}", f"--ioengine={engine}", "--direct=1", f"--size={size_mb}M"]
-    cmd = [fio, "--output-format=json", *common, "--name=read", f"--filename={src}", "--rw=read", "--invalidate=1",
-           "--name=write", f"--filename={dst}", "--rw=write", "--end_fsync=1"]
+    return _fio_jobs(fio, [("read", src), ("write", dst)], size_mb, block_kb, qd, engine)
+
+
+def _fio_jobs(fio: str, jobs: list[tuple[str, str]], size_mb: int, block_kb: int, qd: int, engine: str) -> dict:
+    """One fio run of O_DIRECT jobs ``(read|write, path)`` at once, same pattern each; the row of the slowest."""
+    cmd = [fio, "--output-format=json", f"--bs={block_kb}k", f"--iodepth={qd}", f"--ioengine={engine}",
+           "--direct=1", f"--size={size_mb}M"]
+    for rw, path in jobs:
+        cmd += [f"--name={rw}", f"--filename={path}", f"--rw={rw}",
+                "--end_fsync=1" if rw == "write" else "--invalidate=1"]
     c0 = _cpu()
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     cpu = _cpu() - c0
     if r.returncode:
         raise RuntimeError(f"fio failed: {r.stderr.strip()[-300:]}")
-    jobs = {j["jobname"]: j for j in json.loads(r.stdout[r.stdout.index("{"):])["jobs"]}
-    gbps = min(jobs["read"]["read"]["bw_bytes"], jobs["write"]["write"]["bw_bytes"]) / 1e9
+    out = json.loads(r.stdout[r.stdout.index("{"):])["jobs"]
+    gbps = min(j[rw]["bw_bytes"] for j, (rw, _) in zip(out, jobs)) / 1e9
     nbytes = size_mb << 20
     return {"seconds": round(nbytes / 1e9 / gbps, 4) if gbps else 0.0, "gbps": round(gbps, 3),
             "cpu_s_per_gb": round(cpu / (nbytes / 1e9), 3)}

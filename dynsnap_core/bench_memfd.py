@@ -34,7 +34,6 @@ __all__ = ["run", "format_table", "thread_counts"]
 _BLOCK = 1 << 20
 _UNIT = 8 << 20       # the engine's work unit (copy-only rows use it too)
 _HPAGE = 2 << 20
-_THP_DIR = "/sys/kernel/mm/transparent_hugepage"
 
 
 def thread_counts(spec: Optional[str | Sequence[int]] = None) -> list[int]:
@@ -68,8 +67,8 @@ def _machine(dir: str) -> dict:
             mem = int(line.split()[1]) << 10
     return {"cpu_count": os.cpu_count(), "cpu_model": model, "kernel": platform.release(),
             "host": platform.node(), "mem_bytes": mem, "dir": dir,
-            "thp_shmem": _read(f"{_THP_DIR}/shmem_enabled", "?"),
-            "thp_shmem_pmd": _read(f"{_THP_DIR}/hugepages-2048kB/shmem_enabled", "?"),
+            "thp_shmem": _read(f"{memfd.THP_DIR}/shmem_enabled", "?"),
+            "thp_shmem_pmd": _read(f"{memfd.THP_DIR}/hugepages-2048kB/shmem_enabled", "?"),
             "hugetlb": f"{h['available']} of {h['total']} {h['page_size'] >> 10} kB pages free"}
 
 
@@ -301,7 +300,7 @@ def run(dir: Optional[str] = None, size_mb: int = 1024, threads: Optional[str | 
             else:
                 skip("page cache", tool, f"shmem THP '{thp['shmem_enabled']}' (hugepages-{thp['pmd_kb']}kB: "
                      f"'{thp['pmd_shmem_enabled']}'): memfds get 4 KiB pages only",
-                     f"echo advise > {_THP_DIR}/shmem_enabled")
+                     f"echo advise > {memfd.THP_DIR}/shmem_enabled")
             tool = "dynsnap parallel fill, hugetlb memfd"
             need = -(-size // huge["page_size"])
             if huge["available"] >= need:

@@ -65,7 +65,7 @@ def run(mb: int = 512, keep: bool = False, rep: Reporter | None = None, memsvc: 
             if svc is None:
                 # in its own pid namespace (dynsnap run): the snapshot can be restored twice side by side
                 target = launch(cmd, log=work / "worker.log", cwd=work, env=env)
-                _wait_ready(lambda: not proc.exists(target) or proc.state(target) == "Z", ready, sock)
+                _wait_ready(lambda: not proc.exists(target), ready, sock)
             else:
                 worker = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                           start_new_session=True, cwd=work, env=env)
@@ -88,7 +88,7 @@ def run(mb: int = 512, keep: bool = False, rep: Reporter | None = None, memsvc: 
             worker.wait(timeout=30)      # reap it: the restored worker needs its pid back
         else:
             end = time.monotonic() + 30
-            while proc.exists(target) and proc.state(target) != "Z" and time.monotonic() < end:
+            while proc.exists(target) and time.monotonic() < end:       # a zombie does not exist
                 time.sleep(0.01)
         rep.say(f"snapshot {_human(snap.total_bytes)} at {snapdir}; worker stopped and killed")
 

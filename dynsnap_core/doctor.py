@@ -69,18 +69,13 @@ def _io_uring() -> Check:
                  "sysctl kernel.io_uring_disabled=0, or allow io_uring in the seccomp profile")
 
 
-_THP_DIR = "/sys/kernel/mm/transparent_hugepage"
-SHMEM_THP_FIX = f"echo advise > {_THP_DIR}/shmem_enabled (memfd fill with 2 MiB pages; only shmem mappings " \
-                "that ask with MADV_HUGEPAGE, as dynsnap's fill does, get them)"
-
-
 def _memfd() -> Check:
     try:
         fd = os.memfd_create("dynsnap-doctor", os.MFD_CLOEXEC)
         os.close(fd)
     except (OSError, AttributeError) as e:
         return Check("memfd", "missing", f"memfd_create failed: {e}", "Linux >= 3.17 with memfd")
-    from .memfd import shmem_thp
+    from .memfd import THP_DIR, shmem_thp
     t = shmem_thp()
     if t["shmem_enabled"] is None:
         return Check("memfd", "info", "memfd_create ok; no transparent huge pages in this kernel: memfd fill "
@@ -89,11 +84,12 @@ def _memfd() -> Check:
     if t["allowed"]:
         return Check("memfd", "ok", f"memfd_create ok; {knobs}: memfd fill uses 2 MiB pages")
     return Check("memfd", "info", f"memfd_create ok; {knobs}: memfd fill uses 4 KiB pages (slow to allocate "
-                 "from many threads)", SHMEM_THP_FIX)
+                 "from many threads)", f"echo advise > {THP_DIR}/shmem_enabled (memfd fill with 2 MiB pages; only "
+                 "shmem mappings that ask with MADV_HUGEPAGE, as dynsnap's fill does, get them)")
 
 
 def _thp() -> Check:
-    from .memfd import hugetlb_pages
+    from .memfd import THP_DIR, hugetlb_pages, sysfs_selected
     h = hugetlb_pages()
     try:
         fd = os.memfd_create("dynsnap-doctor-huge", os.MFD_CLOEXEC | getattr(os, "MFD_HUGETLB", 4))
@@ -103,15 +99,14 @@ def _thp() -> Check:
     except OSError as e:
         huge = f"no hugetlb memfd ({e.strerror})"
     fix = f"hugetlb memfds: sysctl -w vm.nr_hugepages=N (N x {h['page_size'] >> 10} kB set aside)"
-    try:
-        mode = Path(f"{_THP_DIR}/enabled").read_text().split("[")[1].split("]")[0]
-    except (OSError, IndexError):
+    mode = sysfs_selected(f"{THP_DIR}/enabled")
+    if mode is None:
         return Check("huge pages", "info", f"transparent hugepages not reported by this kernel; {huge}", fix)
     if mode == "always":
         return Check("huge pages", "ok", f"transparent hugepages 'always' (faster CRIU restore); {huge}")
     return Check("huge pages", "info", f"transparent hugepages '{mode}': CRIU restores anonymous memory "
                  f"faster with 'always' (measured 2.17 s -> 1.48 s for 3.7 GiB); {huge}",
-                 f"echo always > {_THP_DIR}/enabled (a host-wide choice); {fix}")
+                 f"echo always > {THP_DIR}/enabled (a host-wide choice); {fix}")
 
 
 def _userfaultfd() -> Check:

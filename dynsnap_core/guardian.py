@@ -3,7 +3,8 @@
 `dynsnap checkpoint` starts it (in its own session) before freezing anything and talks to it over a pipe. When
 dynsnap finishes it writes ``done``; if the pipe closes without that line, dynsnap died (SIGKILL, OOM): the
 guardian waits until CRIU has ended (dynsnap names its process before CRIU may start) and no longer traces the
-tree, then continues it and, for CUDA processes, restores and unlocks their GPU state. Run as ``python -m dynsnap_core.guardian --pids 1,2 [--cuda-pids 2]``.
+tree, then continues it and, for CUDA processes, restores and unlocks their GPU state. Run as
+``python -m dynsnap_core.guardian --pids 1,2``; it reads ``cuda PIDS``, ``criu PID`` and ``done`` lines on stdin.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Optional
+
+from .proc import exists
 
 __all__ = ["Guardian"]
 
@@ -72,19 +75,10 @@ def _traced(pid: int) -> bool:
     return False
 
 
-def _running(pid: int) -> bool:
-    """pid exists and has not exited (a zombie has)."""
-    try:
-        data = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return data[data.rindex(")") + 2] != "Z"
-
-
 def _rescue(pids: list[int], cuda_pids: list[int], criu_pids: list[int]) -> None:
     end = time.monotonic() + 600
     # CRIU still at work (or about to seize the tree): let it finish first
-    while time.monotonic() < end and (any(_running(c) for c in criu_pids) or any(_traced(p) for p in pids)):
+    while time.monotonic() < end and (any(exists(c) for c in criu_pids) or any(_traced(p) for p in pids)):
         time.sleep(0.05)
     for p in pids:
         try:

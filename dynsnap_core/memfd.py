@@ -71,11 +71,11 @@ def debug_counters() -> dict:
             "memfd_objects_closed": _live["closed"]}
 
 
-_THP_DIR = "/sys/kernel/mm/transparent_hugepage"
+THP_DIR = "/sys/kernel/mm/transparent_hugepage"
 _THP_ON = ("always", "within_size", "advise", "force")
 
 
-def _selected(path: str) -> Optional[str]:
+def sysfs_selected(path: str) -> Optional[str]:
     """The bracketed choice of a sysfs switch (``always [advise] never`` -> ``advise``); None if absent."""
     try:
         with open(path) as f:
@@ -95,13 +95,13 @@ def shmem_thp() -> dict:
     ``hugepages-<pmd_kb>kB/shmem_enabled`` knob (``inherit`` follows the host-wide one; None on kernels
     without it). 'deny' turns huge pages off everywhere, 'force' on everywhere.
     """
-    top = _selected(f"{_THP_DIR}/shmem_enabled")
+    top = sysfs_selected(f"{THP_DIR}/shmem_enabled")
     try:
-        with open(f"{_THP_DIR}/hpage_pmd_size") as f:
+        with open(f"{THP_DIR}/hpage_pmd_size") as f:
             pmd_kb = int(f.read()) >> 10
     except (OSError, ValueError):
         pmd_kb = 2048
-    per = _selected(f"{_THP_DIR}/hugepages-{pmd_kb}kB/shmem_enabled")
+    per = sysfs_selected(f"{THP_DIR}/hugepages-{pmd_kb}kB/shmem_enabled")
     allowed = top is not None and top != "deny" and (top in _THP_ON or (per or "inherit") in _THP_ON)
     return {"shmem_enabled": top, "pmd_shmem_enabled": per, "pmd_kb": pmd_kb, "allowed": bool(allowed)}
 
@@ -287,7 +287,8 @@ class MemFd:
         if self.hugetlb:
             return "hugetlb"
         huge = self.huge_bytes()
-        whole = self.size // (shmem_thp()["pmd_kb"] << 10) * (shmem_thp()["pmd_kb"] << 10)
+        hp = shmem_thp()["pmd_kb"] << 10
+        whole = self.size // hp * hp
         if huge == 0:
             return "4k"
         return "thp" if huge >= whole else "mixed"

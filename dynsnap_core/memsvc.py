@@ -220,6 +220,13 @@ class MemoryService:
             raise _Refuse("bad_request", f"request {req.get('op')!r} needs {key!r} ({kind.__name__})")
         return v
 
+    def _region(self, name: str) -> _Region:
+        """The region called name (caller holds self.cond), or the not_found refusal."""
+        r = self.regions.get(name)
+        if r is None:
+            raise _Refuse("not_found", f"no region named {name!r}")
+        return r
+
     # ---- operations ----
     def _op_ping(self, req: dict, cid: int) -> tuple[dict, list[int]]:
         return {"ok": True, "pid": os.getpid(), "threads": self.threads}, []
@@ -289,9 +296,7 @@ class MemoryService:
         end = time.monotonic() + timeout
         with self.cond:
             while True:
-                r = self.regions.get(name)
-                if r is None:
-                    raise _Refuse("not_found", f"no region named {name!r}")
+                r = self._region(name)
                 if r.state == "ready":
                     break
                 if r.state == "failed":
@@ -322,9 +327,7 @@ class MemoryService:
     def _op_publish(self, req: dict, cid: int) -> tuple[dict, list[int]]:
         name = self._need(req, "name", str)
         with self.cond:
-            r = self.regions.get(name)
-            if r is None:
-                raise _Refuse("not_found", f"no region named {name!r}")
+            r = self._region(name)
             if r.state != "writable" or r.owner != cid:
                 raise _Refuse("bad_request", f"region {name!r} is {r.state}; only its creator publishes it once")
             assert r.mfd is not None
@@ -350,9 +353,7 @@ class MemoryService:
     def _op_drop(self, req: dict, cid: int) -> tuple[dict, list[int]]:
         name = self._need(req, "name", str)
         with self.cond:
-            r = self.regions.get(name)
-            if r is None:
-                raise _Refuse("not_found", f"no region named {name!r}")
+            r = self._region(name)
             others = {c: n for c, n in r.holders.items() if c != cid}
             if others and not req.get("force"):
                 raise _Refuse("held", f"region {name!r} is held by {len(others)} client(s); use force")

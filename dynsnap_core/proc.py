@@ -53,10 +53,15 @@ def ns_ids(pid: int | str, key: str = "NSpid") -> list[int]:
     return []
 
 
+def _own_depth() -> int:
+    """How many pid namespaces /proc shows for the caller (1: the caller lives in /proc's own)."""
+    return max(1, len(ns_ids("self")))
+
+
 def pid_namespace_init(pid: int) -> bool:
     """Whether pid is pid 1 of a pid namespace nested below the caller's (``dynsnap run``'s layout)."""
     ids = ns_ids(pid)
-    return len(ids) > max(1, len(ns_ids("self"))) and ids[-1] == 1
+    return len(ids) > _own_depth() and ids[-1] == 1
 
 
 def _namespace_init_of(pid: int) -> Optional[int]:
@@ -168,15 +173,16 @@ _UNSUPPORTED_FDS = {
 def unsupported_resources(pids: list[int]) -> list[str]:
     """Sentences naming resources in these processes that a checkpoint cannot handle (checked before freezing)."""
     found = []
-    own_depth = max(1, len(ns_ids("self")))
+    own_depth = _own_depth()
     for pid in pids:
-        try:
-            sid = session_id(pid)
-        except (OSError, IndexError, ValueError):
-            sid = None
         inner = ns_ids(pid, "NSsid")        # the session as the process sees it, in its own pid namespace
         if inner:
-            sid = inner[-1]
+            sid: Optional[int] = inner[-1]
+        else:                               # a kernel without NS* lines: the session as /proc shows it
+            try:
+                sid = session_id(pid)
+            except (OSError, IndexError, ValueError):
+                sid = None
         ids = ns_ids(pid)
         if pid == pids[0] and len(ids) > own_depth and ids[-1] != 1:
             init = _namespace_init_of(pid)
