@@ -1,12 +1,17 @@
-"""Start a worker so that its snapshots restore anywhere: in its own pid namespace, in its own session.
+"""Start a worker so that its snapshots restore anywhere: in its own pid and mount namespaces, in its own session.
 
 A plain snapshot restores with its original pids, which must be free on the target node, and only once at a
 time. A worker started by ``launch`` (``dynsnap run -- CMD``) runs as pid 2 of a new pid namespace under a
 small init (nsinit.py, pid 1); CRIU dumps the namespace with it and restore creates a fresh one, so the
 snapshot restores whatever pids the node has in use, and several copies can run side by side (each needs its
 own listening addresses). The checkpoint target is the init's pid as seen from outside, which ``launch``
-returns. The namespace has no mount namespace of its own, so ``/proc`` is the node's: ``/proc/self`` is
-right inside the worker, ``/proc/<os.getpid()>`` is not.
+returns.
+
+The worker also gets a mount namespace: a private copy of the node's mounts at start, with a /proc of its own
+pid namespace in place of the node's (what a container gives it, and what the CUDA driver needs: it fails
+cuInit with error 304 when /proc belongs to another pid namespace). Every other mount is the node's own file
+system (the same /dev/shm, /tmp, /dev): CRIU records those as external mounts and binds the node's at restore,
+so nothing of them enters the snapshot. Mounts made on the node after the start are not seen by the worker.
 """
 from __future__ import annotations
 
@@ -54,8 +59,9 @@ def launch(cmd: Sequence[str], *, log: Optional[str | os.PathLike] = None, cwd: 
     try:
         # setsid --fork: the process we wait for exits at once; unshare runs on, orphaned, as the namespace's
         # parent (a long-lived orchestrator collects no zombie), and the status pipe crosses both execs
-        p = subprocess.Popen([setsid, "--fork", unshare, "--pid", "--fork", sys.executable, "-I", "-S",
-                              str(NSINIT), "--status-fd", str(w), *logarg, "--", *cmd],
+        p = subprocess.Popen([setsid, "--fork", unshare, "--pid", "--mount", "--propagation", "private", "--fork",
+                              sys.executable, "-I", "-S", str(NSINIT), "--own-proc", "--status-fd", str(w),
+                              *logarg, "--", *cmd],
                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              pass_fds=(w,),
                              cwd=cwd, env=dict(env) if env is not None else None)
@@ -74,8 +80,8 @@ def launch(cmd: Sequence[str], *, log: Optional[str | os.PathLike] = None, cwd: 
     if os.geteuid() != 0:
         raise DynsnapError("run needs root (CAP_SYS_ADMIN) to create the worker's pid namespace; run dynsnap with "
                            "sudo", stage="run")
-    raise DynsnapError(f"the pid namespace for {cmd[0]} could not be set up (unshare --pid failed; is this a "
-                       f"container without CAP_SYS_ADMIN?)", stage="run")
+    raise DynsnapError(f"the pid and mount namespaces for {cmd[0]} could not be set up (unshare --pid --mount "
+                       f"failed; is this a container without CAP_SYS_ADMIN?)", stage="run")
 
 
 def _read_status(fd: int, timeout: float) -> str:

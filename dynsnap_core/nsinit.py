@@ -1,12 +1,16 @@
-"""pid 1 of a worker's own pid namespace, started by ``dynsnap run`` (see launch.py); part of every such snapshot.
+"""pid 1 of a worker's own pid and mount namespaces, started by ``dynsnap run`` (see launch.py); part of every
+such snapshot.
 
-Run as a plain script (``python -I -S nsinit.py --status-fd N -- CMD ...``): it imports only os, signal and sys,
-so it adds a few MiB to a snapshot. It makes itself the leader of a new session inside the namespace (CRIU
-cannot dump a tree whose session leader lives outside it), starts CMD as its child (pid 2), reports
-``ok <host pid>`` or ``error <sentence>`` on the status fd, forwards the usual termination and user signals to
-CMD (an init ignores signals it has no handler for, so without this ``kill`` would not reach the worker),
-reaps every orphan of the namespace, and exits with CMD's status when CMD ends (the kernel then ends the
-rest of the namespace).
+Run as a plain script (``python -I -S nsinit.py --status-fd N -- CMD ...``) by ``unshare --pid --mount --fork``:
+it imports only os, signal, sys and ctypes, so it adds a few MiB to a snapshot. It opens the worker's stdio
+inside the new mount namespace (CRIU resolves every open file through the namespace's own mounts), puts a
+/proc of the new pid namespace in place of the node's (the CUDA driver reads /proc/<getpid()>: with the
+node's /proc, cuInit fails with error 304), makes itself the leader of a new session inside the namespace
+(CRIU cannot dump a tree whose session leader lives outside it), starts CMD as its child (pid 2), reports
+``ok <host pid>`` or ``error <sentence>`` on the status fd, forwards the usual termination and user signals
+to CMD (an init ignores signals it has no handler for, so without this ``kill`` would not reach the
+worker), reaps every orphan of the namespace, and exits with CMD's status when CMD ends (the kernel then
+ends the rest of the namespace).
 """
 import os
 import signal
@@ -23,9 +27,32 @@ def _report(fd: int, line: str) -> None:
             os.close(fd)
 
 
+def _own_proc() -> str:
+    """Replace the node's /proc (with whatever is mounted below it) by a /proc of this pid namespace.
+
+    Returns an error sentence, or "" on success. Only in a mount namespace of our own (launch.py's
+    ``unshare --mount``, private propagation): the node's mount table is never touched.
+    """
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
+    libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    MS_NOSUID, MS_NODEV, MS_NOEXEC, MNT_DETACH = 2, 4, 8, 2
+    # detached with what is mounted below it, so that the namespace holds one /proc; where that is refused
+    # (mounts locked by a container runtime), the new /proc goes on top and hides the node's
+    libc.umount2(b"/proc", MNT_DETACH)
+    if libc.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None) != 0:
+        return f"cannot mount /proc in the worker's mount namespace: {os.strerror(ctypes.get_errno())}"
+    return ""
+
+
 def main(argv: list) -> int:
-    status_fd, log = -1, None
-    while len(argv) >= 2 and argv[0] in ("--status-fd", "--log"):
+    status_fd, log, own_proc = -1, None, False
+    while argv[:1] == ["--own-proc"] or (len(argv) >= 2 and argv[0] in ("--status-fd", "--log")):
+        if argv[0] == "--own-proc":
+            own_proc = True
+            argv = argv[1:]
+            continue
         if argv[0] == "--status-fd":
             status_fd = int(argv[1])
             os.set_inheritable(status_fd, False)    # the worker must not hold it (launch waits for its EOF)
@@ -43,11 +70,23 @@ def main(argv: list) -> int:
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         os.close(fd)
+    # stdin (and stdout/stderr without a log) were opened outside this mount namespace, on the node's /dev;
+    # CRIU finds no such mount in the namespace it dumps, so open /dev/null again from in here
+    null = os.open("/dev/null", os.O_RDWR)
+    for std in (0,) if log is not None else (0, 1, 2):
+        os.dup2(null, std)
+    os.close(null)
     if argv[:1] == ["--"]:
         argv = argv[1:]
     if not argv:
         _report(status_fd, "error no command given")
         return 2
+    host_pid = os.readlink("/proc/self")             # the node's /proc, still: our pid seen from outside
+    if own_proc:
+        failure = _own_proc()
+        if failure:
+            _report(status_fd, "error " + failure)
+            return 2
     os.setsid()
     err_r, err_w = os.pipe()                         # close-on-exec: EOF without data means exec succeeded
     child = os.fork()
@@ -80,7 +119,7 @@ def main(argv: list) -> int:
 
     for s in FORWARD:
         signal.signal(s, forward)
-    _report(status_fd, f"ok {os.readlink('/proc/self')}")   # /proc is the host's: its pid seen from outside
+    _report(status_fd, f"ok {host_pid}")
     code = 0
     while True:
         try:

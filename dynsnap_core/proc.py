@@ -11,7 +11,7 @@ from .errors import InvalidTarget, ProcessNotFound
 
 __all__ = ["exists", "tree", "cmdline", "comm", "rss_bytes", "session_id", "validate_target",
            "state", "wait_stopped", "unsupported_resources", "set_child_subreaper", "reap_children",
-           "ns_ids", "pid_namespace_init"]
+           "ns_ids", "pid_namespace_init", "mount_namespace"]
 
 
 def exists(pid: int) -> bool:
@@ -62,6 +62,18 @@ def pid_namespace_init(pid: int) -> bool:
     """Whether pid is pid 1 of a pid namespace nested below the caller's (``dynsnap run``'s layout)."""
     ids = ns_ids(pid)
     return len(ids) > _own_depth() and ids[-1] == 1
+
+
+def mount_namespace(pid: int) -> Optional[str]:
+    """How pid's mount namespace relates to the caller's: None (the same one), "own" (another one, over the same
+    root file system: ``dynsnap run``'s layout), or "other-root" (another root file system: a container)."""
+    try:
+        if os.stat(f"/proc/{pid}/ns/mnt").st_ino == os.stat("/proc/self/ns/mnt").st_ino:
+            return None
+        theirs, ours = os.stat(f"/proc/{pid}/root/"), os.stat("/")
+    except OSError:
+        return None
+    return "own" if (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino) else "other-root"
 
 
 def _namespace_init_of(pid: int) -> Optional[int]:
@@ -188,6 +200,10 @@ def unsupported_resources(pids: list[int]) -> list[str]:
             init = _namespace_init_of(pid)
             found.append(f"pid {pid} is pid {ids[-1]} of a pid namespace, and CRIU dumps a pid namespace from its "
                          f"init: checkpoint " + (f"pid {init} instead" if init else "the namespace's init instead"))
+            continue
+        if pid == pids[0] and mount_namespace(pid) == "other-root":
+            found.append(f"pid {pid} lives in a mount namespace with another root file system (a container's), "
+                         f"which dynsnap does not checkpoint yet; start the worker with `dynsnap run` on the node")
             continue
         if sid == 0:
             found.append(f"pid {pid} belongs to a session whose leader is outside its pid namespace (it was started "

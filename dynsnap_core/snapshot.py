@@ -28,6 +28,10 @@ __all__ = ["Snapshot", "RestoredProcess", "checkpoint", "restore", "open_snapsho
            "default_home", "Interrupted"]
 
 STAGING_TAG = ".dynsnap-staging."
+# A worker's own mount namespace (`dynsnap run`): every mount in it but its /proc is one of the node's, which CRIU
+# records as external (by mount point, not by content: /dev/shm or /tmp never enter the image) and binds again
+# from the node at restore.
+CRIU_MNTNS_ARGS = ("--external", "mnt[]")
 Progress = Optional[Callable[[str, int, int], Any]]   # (phase, done, total)
 
 
@@ -255,6 +259,7 @@ def checkpoint(pid: int, out: str | os.PathLike | None = None, *, leave_running:
     rss = sum(proc.rss_bytes(p) for p in pids)
     shell_job = proc.session_id(pid) != pid
     pid_namespace = proc.pid_namespace_init(pid)      # `dynsnap run`: restores into a fresh pid namespace
+    mount_namespace = proc.mount_namespace(pid) == "own"   # ... and a fresh mount namespace with its own /proc
     if log and proc.has_tty(pid):
         log(f"note: pid {pid} has a terminal on its stdio; its snapshot can only be restored from a terminal")
 
@@ -305,6 +310,8 @@ def checkpoint(pid: int, out: str | os.PathLike | None = None, *, leave_running:
             args = ["dump", "-t", str(pid), "-D", str(dump_dir), "--leave-stopped", "--file-locks"]
             if shell_job:
                 args.append("--shell-job")
+            if mount_namespace:
+                args += CRIU_MNTNS_ARGS
             # Test hook: CRIU's own fault injection (FI_DUMP_PAGES) makes a real dump fail half-way.
             fault = {"CRIU_FAULT": "3"} if os.environ.get("DYNSNAP_FAULT") == "dump" else None
             if progress:
@@ -331,7 +338,7 @@ def checkpoint(pid: int, out: str | os.PathLike | None = None, *, leave_running:
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "created_unix": time.time(), "root_pid": pid, "pids": pids, "cmdline": cmd,
                 "comm": proc.comm(pid), "shell_job": shell_job, "pid_namespace": pid_namespace,
-                "leave_running": leave_running,
+                "mount_namespace": mount_namespace, "leave_running": leave_running,
                 "host_rss_bytes": rss, "files": files, "total_bytes": sum(f["size"] for f in files),
                 "io_engine": engine_used, "dump_staging": dump_where, "cuda": gpu or None,
                 "timings": timings,
@@ -594,6 +601,9 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
         images = staged / "criu"
     args = ["restore", "-D", str(images), "-W", str(work), "-d", "--pidfile", str(pidfile),
             "--file-locks"]
+    if m.get("mount_namespace"):
+        # a fresh mount namespace over the node's root, with the node's mounts bound in by path
+        args += ["--root", "/", *CRIU_MNTNS_ARGS]
     if m.get("shell_job"):
         # A shell job lands in our session; left stopped, it would be an orphaned stopped process group when
         # CRIU exits, and the kernel would SIGHUP it. So verify first, then restore it running.

@@ -131,3 +131,72 @@ def test_run_needs_root(tmp_path):
     assert (r.returncode, r.stdout, r.stderr) == (
         1, "", "dynsnap run: run needs root (CAP_SYS_ADMIN) to create the worker's pid namespace; run dynsnap with "
         "sudo\n")
+
+
+def _node_mounts() -> list[str]:
+    with open("/proc/self/mountinfo") as fh:
+        return sorted(" ".join(ln.split()[3:5]) + " " + ln.split(" - ")[1].split()[0] for ln in fh)
+
+
+def test_worker_sees_its_own_proc_and_the_nodes_file_systems(tmp_path, home, inits):
+    """The worker's mount namespace: a /proc of its own pid namespace (the CUDA driver needs one), the node's
+    other mounts (a file the node writes to /dev/shm is seen, before and after restore), none of their content
+    in the snapshot, and the node's mount table untouched by run, checkpoint and restore."""
+    shm = Path("/dev/shm") / f"dynsnap-test-see-{os.getpid()}"
+    shm.write_text("written by the node")
+    try:
+        node_before = _node_mounts()
+        init, sock = _run_worker(tmp_path, inits, "--see", shm)
+        [worker] = proc.children(init)
+        assert proc.mount_namespace(init) == "own" and proc.mount_namespace(worker) == "own"
+        seen = request_json(sock, "check")["see"]
+        assert seen["ok"] and seen["proc_self"] == "2" and seen["init"].endswith("nsinit.py"), seen
+        assert seen["file"] == "written by the node" and seen["proc_mounts"] == 1, seen
+
+        snap = tmp_path / "snap"
+        r = cli("checkpoint", "--pid", init, "--out", snap)
+        assert r.returncode == 0, r.stderr
+        m = json.loads((snap / "manifest.json").read_text())
+        assert m["mount_namespace"] is True and m["pid_namespace"] is True
+        assert not [f for f in os.listdir(snap / "criu") if f.startswith("tmpfs-")]   # /dev/shm stayed outside
+        _wait(lambda: _gone(init), "the checkpointed tree to end")
+
+        shm.write_text("written by the node after the checkpoint")
+        r = cli("restore", snap, "--json")
+        assert r.returncode == 0, r.stderr
+        pid = json.loads(r.stdout)["pid"]
+        inits.append(pid)
+        assert proc.mount_namespace(pid) == "own"
+        after = request_json(sock, "check")
+        assert after["all_ok"] and after["see"]["proc_self"] == "2" and after["see"]["proc_mounts"] == 1
+        assert after["see"]["file"] == "written by the node after the checkpoint"
+        assert sorted(after["see"]["mounts"]) == sorted(seen["mounts"])
+        assert _node_mounts() == node_before
+    finally:
+        shm.unlink()
+
+
+def test_process_over_another_root_file_system_is_refused(tmp_path):
+    """A process in a mount namespace with another root (what a container runtime makes; here /usr as root) is
+    refused before anything is frozen, with one sentence; it keeps running."""
+    import subprocess
+    p = subprocess.Popen(["unshare", "--mount", "--fork", "--root=/usr", "/bin/sleep", "60"], start_new_session=True,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    inner = None
+    try:
+        _wait(lambda: bool(proc.children(p.pid)), "the contained process to start")
+        [inner] = proc.children(p.pid)
+        _wait(lambda: proc.mount_namespace(inner) == "other-root", "the new root to be in place")
+        r = cli("checkpoint", "--pid", inner, "--out", tmp_path / "s")
+        assert (r.returncode, r.stdout, r.stderr) == (1, "", (
+            f"dynsnap checkpoint: cannot checkpoint pid {inner}: pid {inner} lives in a mount namespace with another "
+            "root file system (a container's), which dynsnap does not checkpoint yet; start the worker with "
+            "`dynsnap run` on the node\n"))
+        assert not (tmp_path / "s").exists() and proc.state(inner) in ("S", "R")
+    finally:
+        if inner is not None:
+            os.kill(inner, signal.SIGKILL)     # unshare's child: killing unshare alone would orphan it
+        p.kill()
+        p.wait()
+        if inner is not None:
+            _wait(lambda: _gone(inner), "the contained process to end")

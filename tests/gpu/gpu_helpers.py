@@ -174,3 +174,13 @@ def find_key(obj: Any, key: str) -> Any:
             if got is not None:
                 return got
     return None
+
+
+def report_fact(what: str, value: Any) -> None:
+    """A measured fact for the run's summary: one JSON line appended to $DYNSNAP_GPU_FACTS (gpu-check.sh sets it)."""
+    line = json.dumps({"what": what, "value": value}, sort_keys=True)
+    print(f"gpu fact: {line}")
+    path = os.environ.get("DYNSNAP_GPU_FACTS")
+    if path:
+        with open(path, "a") as fh:
+            fh.write(line + "\n")

@@ -104,20 +104,21 @@ def test_dump_failure_keeps_worker_serving(worker, tmp_path):
 
 
 def test_worker_in_its_own_pid_namespace(tmp_path, restored):
-    """`dynsnap run` layout on a GPU: the driver checkpoints the worker (pid 2 of the namespace, found by asking
-    the driver), the restore gets a fresh namespace and new pids, and the data and results are bit-exact."""
+    """`dynsnap run` layout on a GPU: the worker (pid 2 of its own pid and mount namespaces, with its own /proc)
+    initialises CUDA, the driver checkpoints it, and two copies of the snapshot restore side by side, each in
+    a fresh namespace, each answering bit-exact with its own GPU memory."""
+    import json
     import sys
     import time
-    import uuid
 
     import dynsnap_core.cuda as cuda
     from dynsnap_core import proc
     from dynsnap_core.demo_worker import request
     from dynsnap_core.launch import launch
-    from gpu_helpers import WORKER
+    from gpu_helpers import WORKER, report_fact
 
-    sock, ready, log = "@dynsnap-gpu-" + uuid.uuid4().hex[:12], tmp_path / "ready", tmp_path / "w.log"
-    init = launch([sys.executable, WORKER, "--gb", "1", "--sock", sock, "--ready", str(ready), "--seed", "77"],
+    sock, ready, log = tmp_path / "w.sock", tmp_path / "ready", tmp_path / "w.log"
+    init = launch([sys.executable, WORKER, "--gb", "1", "--sock", str(sock), "--ready", str(ready), "--seed", "77"],
                   log=log, cwd=tmp_path)
     restored.append(init)               # killed and reaped at the end: SIGKILL of the init ends its namespace
     deadline = time.monotonic() + 600
@@ -125,20 +126,31 @@ def test_worker_in_its_own_pid_namespace(tmp_path, restored):
         assert alive(init) and time.monotonic() < deadline, f"worker did not start: {log.read_text()[-2000:]}"
         time.sleep(0.1)
 
-    def ask(cmd: str) -> str:
-        return request("\0" + sock[1:], cmd, 300, bufsize=65536)
+    def ask(path, cmd: str) -> str:
+        return request(str(path), cmd, 300, bufsize=65536)
 
     [worker] = proc.children(init)
-    h0, m0 = ask("hash"), ask("matmul")
+    assert proc.mount_namespace(worker) == "own"
+    assert ask(sock, "pid") == "2"      # the worker's own pid namespace, and a /proc that matches it
+    h0, m0 = ask(sock, "hash"), ask(sock, "matmul")
+    before = cuda.process_gpus(worker)
     snap = str(tmp_path / "snap")
     r = _checkpoint(init, snap)
     assert r.returncode == 0, f"checkpoint failed: {r.stderr[-3000:]}"
-    import json
     m = json.loads((tmp_path / "snap" / "manifest.json").read_text())
-    assert m["pid_namespace"] is True and m["cuda"]["pids"] == [worker]
+    assert m["pid_namespace"] is True and m["mount_namespace"] is True and m["cuda"]["pids"] == [worker]
     reap(init)
-    pid = _restore(snap, restored)
-    assert pid != init and proc.pid_namespace_init(pid)
-    [w2] = proc.children(pid)
-    assert cuda.state(w2) is cuda.CudaState.RUNNING
-    assert ask("hash") == h0 and ask("matmul") == m0
+    copies = []
+    for i in range(2):                  # the second copy restores while the first runs, from the same snapshot
+        pid = _restore(snap, restored)
+        assert pid != init and proc.pid_namespace_init(pid) and pid not in [c for c, _ in copies]
+        [w] = proc.children(pid)
+        assert cuda.state(w) is cuda.CudaState.RUNNING
+        os.rename(sock, tmp_path / f"copy{i}.sock")   # its listening socket moves aside; the next copy binds anew
+        copies.append((pid, w))
+    for i, (pid, w) in enumerate(copies):
+        path = tmp_path / f"copy{i}.sock"
+        assert ask(path, "hash") == h0 and ask(path, "matmul") == m0 and ask(path, "pid") == "2"
+    mem = {f"copy{i}": cuda.process_gpus(w) for i, (_, w) in enumerate(copies)}
+    assert all(mem.values()), f"each copy holds GPU memory of its own: {mem}"
+    report_fact("dynsnap run worker, two copies side by side", {"before_checkpoint": before, **mem})

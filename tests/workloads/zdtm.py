@@ -22,6 +22,7 @@ ap.add_argument("--memfd", action="store_true")
 ap.add_argument("--file")
 ap.add_argument("--io-uring", action="store_true", help="hold an io_uring instance (CRIU cannot dump it)")
 ap.add_argument("--child", action="store_true", help="fork a child that echoes over a pair of pipes")
+ap.add_argument("--see", help="report what the process sees: its /proc, and this file's content (a node path)")
 a = ap.parse_args()
 
 state = {}
@@ -121,6 +122,23 @@ if a.io_uring:
     params = (ctypes.c_uint8 * 120)()
     ring_fd = ctypes.CDLL(None, use_errno=True).syscall(425, 8, params)   # io_uring_setup
     assert ring_fd >= 0, "io_uring_setup failed"
+
+if a.see:
+    def see_check():
+        me = os.getpid()
+        with open("/proc/1/cmdline", "rb") as fh:
+            init = fh.read().split(b"\0")
+        try:
+            with open(a.see) as fh:
+                seen = fh.read()
+        except OSError as e:
+            seen = f"error: {e.strerror}"
+        with open("/proc/self/mountinfo") as fh:
+            mounts = [ln.split()[4] for ln in fh]
+        own = os.readlink("/proc/self") == str(me) and os.path.exists(f"/proc/{me}/status")
+        return {"ok": own, "proc_self": os.readlink("/proc/self"), "init": init[3].decode() if len(init) > 3 else "",
+                "file": seen, "proc_mounts": mounts.count("/proc"), "mounts": mounts}
+    state["see"] = see_check
 
 counter = [0]
 srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
