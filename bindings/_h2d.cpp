@@ -351,8 +351,10 @@ class Device {
     // jobs: list of (source index, offset, nbytes, device pointer)
     // direct: 0 buffered, 1 O_DIRECT, 2 auto (O_DIRECT unless the file is mostly in the page cache)
     // host_mode: 0 auto (register, else staged), 1 register, 2 staged
+    // copy: false reads every source whole into the pinned ring and copies nothing to the GPU (the
+    // storage side of the pipeline alone: `bench weights` measures its limit with it)
     py::dict load(py::list sources, py::list jobs, size_t chunk, int threads, int nbuf, int direct,
-                  int host_mode)
+                  int host_mode, bool copy)
     {
         if (chunk == 0 || chunk % kHashChunk)
             throw std::invalid_argument("chunk must be a positive multiple of 8 MiB");
@@ -400,7 +402,7 @@ class Device {
             py::gil_scoped_release nogil;
             std::lock_guard<std::mutex> busy(load_mu_);  // taken without the GIL: no lock-order deadlock
             auto t0 = std::chrono::steady_clock::now();
-            run(src, per, chunk, threads, nbuf, direct, host_mode, fail, used_host_mode);
+            run(src, per, chunk, threads, nbuf, direct, host_mode, copy, fail, used_host_mode);
             secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
         }
         uint64_t bytes = 0;
@@ -503,13 +505,13 @@ class Device {
     static uint64_t chunk_floor() { return 1u << 20; }
 
     void run(std::vector<Source> &src, const std::vector<std::vector<Job>> &per, size_t chunk, int threads,
-             int nbuf, int direct, int host_mode, Failure &fail, std::string &used_host_mode)
+             int nbuf, int direct, int host_mode, bool copy, Failure &fail, std::string &used_host_mode)
     {
         std::vector<Item> items;
         for (size_t i = 0; i < src.size(); i++) {
             if (src[i].has_digest)
                 src[i].hashes.assign((src[i].size + kHashChunk - 1) / kHashChunk, 0);
-            bool needed = src[i].has_digest || !per[i].empty();
+            bool needed = !copy || src[i].has_digest || !per[i].empty();
             for (uint64_t off = 0; needed && off < src[i].size; off += chunk)
                 items.push_back({i, off, std::min<uint64_t>(chunk, src[i].size - off)});
         }
@@ -533,7 +535,8 @@ class Device {
             std::vector<std::thread> pool;
             try {
                 for (int t = 0; t < threads; t++)
-                    pool.emplace_back([&, t] { worker(t, src, per, items, next, nbuf, host_mode, hmode, fail); });
+                    pool.emplace_back(
+                        [&, t] { worker(t, src, per, items, next, nbuf, host_mode, copy, hmode, fail); });
             } catch (std::exception &e) {  // thread creation failed: stop the ones started
                 fail.set("io", std::string("starting copy threads: ") + e.what(), EAGAIN, -1);
             }
@@ -572,12 +575,13 @@ class Device {
     };
 
     void worker(int t, std::vector<Source> &src, const std::vector<std::vector<Job>> &per,
-                const std::vector<Item> &items, std::atomic<size_t> &next, int nbuf, int host_mode,
+                const std::vector<Item> &items, std::atomic<size_t> &next, int nbuf, int host_mode, bool copy,
                 std::atomic<int> &hmode, Failure &fail)
     {
         Driver &d = driver();
         CUstream stream = nullptr;
         std::vector<Slot> slots(static_cast<size_t>(nbuf));
+        const std::vector<Job> no_jobs;  // copy == false: read only
         long cur_src = -1;
         // Waits for a slot's copies and drops its registration; false (with the failure set) on error.
         auto settle = [&](Slot &s) -> bool {
@@ -644,7 +648,7 @@ class Device {
                     }
                 }
                 // Every job piece inside [it.off, it.off + it.len): jobs are sorted and disjoint.
-                const std::vector<Job> &v = per[it.src];
+                const std::vector<Job> &v = copy ? per[it.src] : no_jobs;
                 auto first = std::partition_point(v.begin(), v.end(),
                                                   [&](const Job &j) { return j.off + j.n <= it.off; });
                 for (auto j = first; j != v.end() && j->off < it.off + it.len; ++j) {
@@ -652,8 +656,10 @@ class Device {
                     check(d.cuMemcpyHtoDAsync(j->dst + (a - j->off), data + (a - it.off), size_t(b - a), stream),
                           "cuMemcpyHtoDAsync");
                 }
-                check(d.cuEventRecord(slot.ev, stream), "cuEventRecord");
-                slot.pending = true;
+                if (copy) {
+                    check(d.cuEventRecord(slot.ev, stream), "cuEventRecord");
+                    slot.pending = true;
+                }
                 if (s.has_digest)  // hash while the DMA reads the same buffer
                     for (uint64_t o = 0; o < it.len; o += kHashChunk)
                         s.hashes[(it.off + o) / kHashChunk] = XXH3_64bits(data + o, size_t(std::min<uint64_t>(kHashChunk, it.len - o)));
@@ -789,5 +795,5 @@ PYBIND11_MODULE(_h2d, m)
         .def("dtoh", &Device::dtoh, py::arg("dst"), py::arg("src"))
         .def_property_readonly("pinned_bytes", &Device::pinned_bytes)
         .def("load", &Device::load, py::arg("sources"), py::arg("jobs"), py::arg("chunk"), py::arg("threads"),
-             py::arg("nbuf"), py::arg("direct"), py::arg("host_mode"));
+             py::arg("nbuf"), py::arg("direct"), py::arg("host_mode"), py::arg("copy") = true);
 }

@@ -5,8 +5,12 @@ the layer count) one run generates random weights on the GPU, stores them in a w
 ``--dir`` (default /var/tmp), and measures with the page cache warm and cold (drop_caches, root):
 dynsnap ``pipeline`` and ``memfd`` (and ``kvikio`` tuned, when installed), safetensors
 ``load_file(device="cuda")``, ``torch.load(mmap=True)`` then ``.cuda()``, kvikio with its defaults
-(when installed); plus the physical limits measured in the same run: pinned host->device copy and
-O_DIRECT disk read. Every loaded set is spot-checked bit-exact against the source tensors.
+(when installed); plus the physical limits measured in the same run: pinned host->device copy, O_DIRECT disk
+read, and page cache -> pinned memory with as many threads as the pipeline uses (the pipeline's own reader
+with nothing copied to the GPU). The warm limit is min(page cache -> pinned, pinned H2D), the cold one
+min(disk, pinned H2D). For the largest size, the pipeline is also run warm with fewer threads and without
+verification, which shows where its time goes. Every loaded set is spot-checked bit-exact against the source
+tensors.
 Everything it writes is removed at the end. ``python3 -m dynsnap_core.cli bench weights --json``.
 """
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any, Callable, Optional, Sequence
 from .benchutil import cpu_time, drop_caches
 from .errors import DynsnapError
 
-__all__ = ["run", "format_table", "model_shapes"]
+__all__ = ["run", "format_table", "format_markdown", "targets", "model_shapes"]
 
 _GB = 1e9
 
@@ -92,30 +96,18 @@ def _disk_limit(paths: Sequence[str], cap: int = 4 << 30) -> Optional[float]:
     return total / (time.perf_counter() - t0) / _GB
 
 
-def _pagecache_limit(paths: Sequence[str], threads: int = 8) -> float:
-    """Read bandwidth of the shards from the page cache (warmed first), ``threads`` shards at a time: the
-    storage side of the warm limit."""
-    import concurrent.futures as cf
-
+def _pagecache_limit(paths: Sequence[str], threads: int) -> float:
+    """Page cache -> pinned memory with ``threads`` readers, best of three (warmed first): the storage side of
+    the warm limit, measured with the pipeline's own reader and ring, nothing copied to the GPU."""
     from . import io as dio
-    def read_all(path: str) -> int:                    # plain reads (GIL released), no hashing
-        buf, n = bytearray(16 << 20), 0
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            while True:
-                got = os.readv(fd, [buf])
-                if not got:
-                    return n
-                n += got
-        finally:
-            os.close(fd)
-
+    from . import weights_load
     for p in paths:                                    # warm
         dio.hash_file(p, direct=False)
-    t0 = time.perf_counter()
-    with cf.ThreadPoolExecutor(max_workers=max(1, min(threads, len(paths), os.cpu_count() or 1))) as pool:
-        total = sum(pool.map(read_all, paths))
-    return total / (time.perf_counter() - t0) / _GB
+    best = 0.0
+    for _ in range(3):
+        r = weights_load.read_to_pinned(list(paths), threads=threads)
+        best = max(best, r["bytes"] / r["seconds"] / _GB)
+    return best
 
 
 def _check(loaded: Any, src: dict, torch: Any, names: Sequence[str]) -> bool:
@@ -173,9 +165,9 @@ def run(sizes: Sequence[float] = (1.2, 16), dir: str = "/var/tmp", cold: bool = 
             ws = weights.save(host_src, f"bench-{size}", store=store)
             save_s = time.perf_counter() - t0
             shard_paths = [ws.shard_path(i) for i in range(len(ws.shards))]
-            if "pagecache_gbps" not in res["limits"] and len(shard_paths) > 1:
-                say("limit: page-cache read")
-                res["limits"]["pagecache_gbps"] = _pagecache_limit(shard_paths)
+            if size == max(sizes):                     # the largest set: the most bytes to measure over
+                say(f"limit: page cache -> pinned memory, {weights_load.defaults.threads} threads")
+                res["limits"]["pagecache_gbps"] = _pagecache_limit(shard_paths, weights_load.defaults.threads)
             if "disk_odirect_gbps" not in res["limits"] and cold:
                 say("limit: O_DIRECT disk read")
                 res["limits"]["disk_odirect_gbps"] = _disk_limit(shard_paths)
@@ -208,6 +200,22 @@ def run(sizes: Sequence[float] = (1.2, 16), dir: str = "/var/tmp", cold: bool = 
                     torch.cuda.empty_cache()
 
             measure("dynsnap pipeline", lambda: weights.load(ws, device="cuda:0", path="pipeline"), shard_paths)
+            if size == max(sizes):
+                def sweep(method: str, fn: Callable[[], Any], **extra: Any) -> None:
+                    _warm(shard_paths)
+                    secs, cpu, out = _timed(fn, torch)
+                    row(method, "warm", secs, cpu, _check(out, gpu_src, torch, probe), sweep=True, **extra)
+                    del out
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                sweep("pipeline, no verify", lambda: weights.load(ws, device="cuda:0", path="pipeline",
+                                                                   verify=False), verified=False)
+                for n in sorted({max(1, weights_load.defaults.threads // 4),
+                                 max(1, weights_load.defaults.threads // 2)} - {weights_load.defaults.threads}):
+                    def at(n: int = n) -> Any:
+                        with weights_load.defaults(threads=n):
+                            return weights.load(ws, device="cuda:0", path="pipeline")
+                    sweep(f"pipeline, {n} threads", at, threads=n)
             measure("dynsnap memfd (fill + copy)", lambda: weights.load(ws, device="cuda:0", path="memfd"), shard_paths)
             if kvikio is not None:
                 measure("dynsnap kvikio (tuned)", lambda: weights.load(ws, device="cuda:0", path="kvikio",
@@ -270,9 +278,10 @@ def _ratios(res: dict) -> None:
 def format_table(res: dict) -> str:
     lim = res["limits"]
     lines = [f"machine: {res['machine']}", f"config: {res['config']}",
-             "limits: pinned H2D {:.1f} GB/s, disk O_DIRECT read {}, page-cache read {}".format(
+             "limits: pinned H2D {:.1f} GB/s, disk O_DIRECT read {}, page cache -> pinned ({} threads) {}".format(
                  lim.get("h2d_pinned_gbps", 0), f"{lim['disk_odirect_gbps']:.2f} GB/s"
                  if lim.get("disk_odirect_gbps") else "not measured (needs root for drop_caches)",
+                 res["config"]["threads"],
                  f"{lim['pagecache_gbps']:.2f} GB/s" if lim.get("pagecache_gbps") else "not measured"),
              "== table ==",
              f"{'size':>6} {'cache':<5} {'method':<30} {'s':>7} {'GB/s':>7} {'x sft':>6} {'%limit':>7} {'cpu s':>6} ok"]
@@ -288,4 +297,60 @@ def format_table(res: dict) -> str:
     for s in res.get("save", []):
         lines.append(f"save {s['size_gb']} GB into the store: {s['seconds']:.1f} s ({s['gbps']:.2f} GB/s, "
                      f"{s['shards']} shards)")
+    return "\n".join(lines)
+
+
+def targets(res: dict) -> list[tuple[str, bool, str]]:
+    """The targets of the warm path for the largest set: (what, met, measured)."""
+    out: list[tuple[str, bool, str]] = []
+    rows = [r for r in res["rows"] if "gbps" in r and not r.get("sweep")]
+    if not rows:
+        return out
+    big = max(r["size_gb"] for r in rows)
+    warm = {r["method"]: r for r in rows if r["size_gb"] == big and r["cache"] == "warm"}
+    p = warm.get("dynsnap pipeline")
+    if p and p.get("x_safetensors"):
+        out.append((f"{big} GB warm pipeline >= 4x safetensors", p["x_safetensors"] >= 4,
+                    f"{p['gbps']:.2f} GB/s = {p['x_safetensors']:.2f}x"))
+    if p and p.get("pct_of_limit"):
+        out.append((f"{big} GB warm pipeline >= 90% of min(page cache -> pinned, H2D)", p["pct_of_limit"] >= 90,
+                    f"{p['pct_of_limit']:.0f}% of {p['limit_gbps']:.2f} GB/s"))
+    for size in sorted({r["size_gb"] for r in rows}):
+        for cache in ("cold", "warm"):
+            got = {r["method"]: r for r in rows if r["size_gb"] == size and r["cache"] == cache}
+            t, d = got.get("dynsnap kvikio (tuned)"), got.get("kvikio defaults")
+            if t and d:
+                out.append((f"{size} GB {cache} kvikio tuned >= kvikio defaults", t["gbps"] >= d["gbps"],
+                            f"{t['gbps']:.2f} vs {d['gbps']:.2f} GB/s"))
+    return out
+
+
+def format_markdown(res: dict) -> str:
+    """The run as Markdown for benches/RESULTS.md: machine, limits, one row per measurement, the targets."""
+    lim, m = res["limits"], res["machine"]
+    lines = [f"`bench weights` {res['date']}: {m.get('gpu')}, {m.get('cpus')} CPUs, kernel {m.get('kernel')}, "
+             f"torch {m.get('torch')}, kvikio {m.get('kvikio')}; pipeline {res['config']['threads']} threads, "
+             f"{res['config']['chunk'] >> 20} MiB chunks, {res['config']['nbuf']} buffers each.",
+             "",
+             "Limits measured in the same run: pinned H2D {:.1f} GB/s; page cache -> pinned ({} threads) {}; disk "
+             "O_DIRECT read {}.".format(
+                 lim.get("h2d_pinned_gbps", 0), res["config"]["threads"],
+                 f"{lim['pagecache_gbps']:.2f} GB/s" if lim.get("pagecache_gbps") else "not measured",
+                 f"{lim['disk_odirect_gbps']:.2f} GB/s" if lim.get("disk_odirect_gbps") else "not measured"),
+             "",
+             "| size GB | cache | method | s | GB/s | x safetensors | % of limit | CPU s | bit-exact |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['size_gb']} | {r['cache']} | {r['method']} | FAILED: {r['error'][:100]} | | | | | |")
+            continue
+        x = f"{r['x_safetensors']:.2f}" if r.get("x_safetensors") else "-"
+        p = f"{r['pct_of_limit']:.0f}%" if r.get("pct_of_limit") else "-"
+        ok = {True: "yes", False: "**NO**", None: "-"}[r["bit_exact"]]
+        lines.append(f"| {r['size_gb']} | {r['cache']} | {r['method']} | {r['seconds']:.2f} | {r['gbps']:.2f} | {x} | "
+                     f"{p} | {r['cpu_seconds']:.1f} | {ok} |")
+    t = targets(res)
+    if t:
+        lines += ["", "| target | met | measured |", "|---|---|---|"]
+        lines += [f"| {what} | {'yes' if met else '**no**'} | {got} |" for what, met, got in t]
     return "\n".join(lines)

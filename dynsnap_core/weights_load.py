@@ -48,7 +48,7 @@ class _Defaults:
 
     def __init__(self) -> None:
         cpus = os.cpu_count() or 1
-        self.threads = max(2, min(8, cpus))        # pipeline reader/copy threads (one stream each)
+        self.threads = max(2, min(16, cpus))       # pipeline reader/copy threads (one stream each)
         self.nbuf = 3                              # pinned buffers per thread (>= 2)
         self.chunk = 8 * _MiB                      # pipeline chunk (multiple of 8 MiB)
         self.host_chunk = 16 * _MiB                # memfd path: bytes registered per step
@@ -157,8 +157,10 @@ def _torch() -> Any:
 
 
 def _kvikio() -> Any:
+    """kvikio with its ``defaults`` submodule loaded (kvikio 26.x no longer imports it with the package)."""
     try:
         import kvikio
+        import kvikio.defaults  # noqa: F401 - binds kvikio.defaults
     except ImportError:
         return None
     return kvikio
@@ -174,10 +176,10 @@ def _kvikio_compat(kvikio: Any) -> bool:
         except Exception:  # noqa: BLE001 - fall back to the configured mode
             pass
     try:
-        v = kvikio.defaults.compat_mode()
+        v = d.compat_mode()
     except Exception:  # noqa: BLE001 - API differs across versions
         try:
-            v = kvikio.defaults.get("compat_mode")
+            v = d.get("compat_mode")
         except Exception:  # noqa: BLE001
             return True
     return str(v).upper().endswith("ON") or v is True
@@ -390,6 +392,24 @@ def _jobs(ws: WeightSet, ptrs: dict) -> list:
 
 
 # ---------------------------------------------------------------- paths
+
+def read_to_pinned(paths: list, ordinal: int = 0, threads: Optional[int] = None) -> dict:
+    """Read whole files into the pipeline's pinned ring and copy nothing to the GPU: the storage side of the
+    pipeline alone, with its threads and chunk (what `bench weights` takes as the page-cache limit).
+    Returns {"bytes", "seconds", "threads"}."""
+    dev = _device(ordinal)
+    threads = threads or defaults.threads
+    sources = []
+    for p in paths:
+        try:
+            sources.append({"path": os.fspath(p), "size": os.path.getsize(p), "digest": None})
+        except OSError as e:
+            raise GpuUnavailable(f"cannot read {p} into pinned memory: {e.strerror}") from None
+    res = dev.load(sources, [], defaults.chunk, threads, defaults.nbuf, 0, 0, False)
+    if not res["ok"]:
+        raise GpuUnavailable(f"reading into pinned memory failed: {res['error']}")
+    return {"bytes": sum(s["size"] for s in sources), "seconds": res["seconds"], "threads": threads}
+
 
 def _load_pipeline(ws: WeightSet, ordinal: int, ptrs: dict, verify: bool) -> dict:
     dev = _device(ordinal)

@@ -4,8 +4,10 @@
 # Run from the repo root on the GPU machine, with .gpubundle/ (from scripts/gpu-bundle.sh) carried along:
 #   scripts/gpu-check.sh [setup] [tests] [bench [SIZES]] [io] [memfd] [weights [SIZES]]   (no argument: setup tests bench)
 # SIZES is a comma list of GB (default 1,4,16, or $DYNSNAP_BENCH_SIZES). Results go to $OUT (default
-# /tmp/dynsnap-gpu-out): build.log, gpu-tests.log, bench-gpu.json, bench-gpu.log, summary.txt.
-# Uses the machine's python3 (torch, cuda-bindings preinstalled); setup always runs first (idempotent).
+# /tmp/dynsnap-gpu-out): build.log, gpu-tests.log, bench-gpu.json, bench-gpu.log, bench-weights.json,
+# gpu-facts.jsonl, summary.md. Uses the machine's python3 (torch, cuda-bindings preinstalled); setup always runs
+# first (idempotent): build, then kvikio, CRIU and the driver are reported. Exits non-zero when the build, any GPU
+# test or any benchmark fails; the last thing printed is a Markdown summary to paste into benches/RESULTS.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -64,19 +66,23 @@ if compgen -G "$BUNDLE/wheels/*.whl" >/dev/null && ! $PY -c 'import kvikio' 2>/d
         note "kvikio wheels: install failed ($(tail -1 "$OUT/kvikio-install.log"))"
     fi
 fi
-kv=$($PY -c 'import kvikio; from dynsnap_core import weights_load as w
-print(kvikio.__version__, "compat mode" if w._kvikio_compat(kvikio) else "GDS")' 2>&1 | tail -1)
-note "kvikio: $kv"
 
 echo "gpu-check: host $(hostname), $(nproc) cores, kernel $(uname -r), $($PY --version 2>&1)"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | sed 's/^/gpu-check: GPU /'
 
+rc_build=0
 if $PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then
     note "build: ok"
 else
+    rc_build=1
     note "build: FAILED (tail of $OUT/build.log below)"
     tail -30 "$OUT/build.log"
 fi
+kv=$($PY -c 'from dynsnap_core import weights_load as w
+k = w._kvikio()
+print(f"{k.__version__} ({\"compat mode\" if w._kvikio_compat(k) else \"GDS\"})" if k else "not installed")' 2>&1 | tail -1)
+note "kvikio: $kv"
+
 criu_ver=$("$DYNSNAP_CRIU" --version 2>&1 | head -1)
 if "$DYNSNAP_CRIU" check >"$OUT/criu-check.log" 2>&1; then
     note "criu check: ok ($criu_ver)"
@@ -95,6 +101,8 @@ PYEOF
 # ---- tests ----------------------------------------------------------------------------------------------
 rc_tests=0
 if [[ $want_tests == 1 ]]; then
+    export DYNSNAP_GPU_FACTS=$OUT/gpu-facts.jsonl
+    : >"$DYNSNAP_GPU_FACTS"
     $PY -m pytest -m gpu tests/gpu -v --timeout 300 -p no:cacheprovider -rs 2>&1 | tee "$OUT/gpu-tests.log"
     rc_tests=${PIPESTATUS[0]}
     note "tests: rc $rc_tests, $(grep -E '^=+ .*(passed|failed|skipped|error).* =+$' "$OUT/gpu-tests.log" | tail -1 | tr -d '=' | xargs)"
@@ -132,21 +140,53 @@ if [[ $want_memfd == 1 ]]; then
     echo "$old_huge" > /proc/sys/vm/nr_hugepages 2>/dev/null || true
 fi
 
+rc_weights=0
 if [[ $want_weights == 1 ]]; then
-    $PY -m dynsnap_core.cli bench weights --sizes "$WSIZES" 2>&1 | tee "$OUT/bench-weights.txt"
-    note "bench weights: rc ${PIPESTATUS[0]}, sizes $WSIZES GB, $OUT/bench-weights.txt"
+    $PY -m dynsnap_core.cli bench weights --sizes "$WSIZES" --json >"$OUT/bench-weights.json" 2>"$OUT/bench-weights.log"
+    rc_weights=$?
+    $PY - "$OUT/bench-weights.json" <<'PYEOF' >"$OUT/bench-weights.txt" 2>&1 || rc_weights=1
+import json, sys
+from dynsnap_core import bench_weights
+res = json.load(open(sys.argv[1]))
+print(bench_weights.format_table(res))
+bad = [r for r in res["rows"] if "error" in r or r.get("bit_exact") is False]
+sys.exit(1 if bad else 0)
+PYEOF
+    cat "$OUT/bench-weights.txt"
+    note "bench weights: rc $rc_weights, sizes $WSIZES GB, $OUT/bench-weights.txt"
 fi
 
-# ---- short table last -----------------------------------------------------------------------------------
+# ---- short table last: Markdown, to paste into benches/RESULTS.md ----------------------------------------
 {
     echo
-    echo "== dynsnap gpu-check summary ($(date -u +%Y-%m-%dT%H:%M:%SZ)) =="
-    printf '%s\n' "${summary[@]}"
+    echo "== dynsnap gpu-check summary =="
+    echo
+    echo "$(date -u +%Y-%m-%d), $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1),"\
+         "$(nproc) cores, kernel $(uname -r), $criu_ver, kvikio $kv, commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+    echo
+    echo '| step | result |'
+    echo '|---|---|'
+    for line in "${summary[@]}"; do
+        printf '| %s | %s |\n' "${line%%:*}" "${line#*: }"
+    done
+    if [[ $want_tests == 1 ]]; then
+        failed=$(grep -E '^(FAILED|ERROR) ' "$OUT/gpu-tests.log" | sed 's/^/    /')
+        [[ -n $failed ]] && { echo; echo 'Failed GPU tests:'; echo; echo "$failed"; }
+        if [[ -s "$OUT/gpu-facts.jsonl" ]]; then
+            echo; echo 'Facts measured by the GPU tests:'; echo
+            sed 's/^/    /' "$OUT/gpu-facts.jsonl"
+        fi
+    fi
     if [[ $want_bench == 1 && -s "$OUT/bench-gpu.log" ]]; then
-        sed -n '/^== table ==/,$p' "$OUT/bench-gpu.log"
+        echo; sed -n '/^== table ==/,$p' "$OUT/bench-gpu.log" | sed 's/^/    /'
     fi
-    if [[ $want_weights == 1 && -s "$OUT/bench-weights.txt" ]]; then
-        sed -n '/^limits:/,$p' "$OUT/bench-weights.txt"
+    if [[ $want_weights == 1 && -s "$OUT/bench-weights.json" ]]; then
+        echo
+        $PY - "$OUT/bench-weights.json" <<'PYEOF'
+import json, sys
+from dynsnap_core import bench_weights
+print(bench_weights.format_markdown(json.load(open(sys.argv[1]))))
+PYEOF
     fi
-} | tee "$OUT/summary.txt"
-[[ $rc_tests == 0 && $rc_bench == 0 ]]
+} | tee "$OUT/summary.md"
+[[ $rc_build == 0 && $rc_tests == 0 && $rc_bench == 0 && $rc_weights == 0 ]]

@@ -78,6 +78,15 @@ CHILD = textwrap.dedent('''
     except W.TensorMismatch as e:
         assert "dtype" in str(e) or "typestr" in str(e), e
     del into
+    # the storage side alone (bench weights' page-cache limit): every byte of every shard read, nothing copied
+    paths = [ws.shard_path(i) for i in range(len(ws.shards))]
+    r = WL.read_to_pinned(paths, threads=3)
+    assert r["bytes"] == sum(os.path.getsize(p) for p in paths) and r["threads"] == 3 and r["seconds"] > 0, r
+    try:
+        WL.read_to_pinned(paths + [store + "/missing"])
+        raise SystemExit("missing file not caught")
+    except W.GpuUnavailable as e:
+        assert "missing" in str(e), e
     # out of memory: a clear error before anything is allocated
     os.environ["FAKE_CUDA_FREE_BYTES"] = "1000000"
     try:
