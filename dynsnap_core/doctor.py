@@ -174,9 +174,12 @@ def _kvikio() -> Check:
         return Check("kvikio/GDS", "missing", "kvikio not installed (optional)",
                      "pip install kvikio-cu13 for GPUDirect Storage weight loading")
     try:
-        import kvikio  # type: ignore
-        compat = kvikio.defaults.is_compat_mode_preferred() if hasattr(kvikio, "defaults") else "?"
-        return Check("kvikio/GDS", "ok", f"kvikio {getattr(kvikio, '__version__', '?')}, compat mode: {compat}")
+        from . import weights_load
+        kvikio = weights_load._kvikio()
+        if kvikio is None:
+            raise ImportError("import kvikio failed")
+        mode = "compat mode (POSIX reads, no GDS)" if weights_load._kvikio_compat(kvikio) else "GDS"
+        return Check("kvikio/GDS", "ok", f"kvikio {getattr(kvikio, '__version__', '?')}, {mode}")
     except Exception as e:  # noqa: BLE001
         return Check("kvikio/GDS", "warn", f"kvikio present but failed to load: {e}")
 

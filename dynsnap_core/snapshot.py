@@ -282,6 +282,8 @@ def checkpoint(pid: int, out: str | os.PathLike | None = None, *, leave_running:
                 if cpids:
                     gpu = _gpu_facts()
                     gpu["pids"] = cpids
+                    if pid_namespace:   # restored with new node pids: found again by their pids inside
+                        gpu["ns_pids"] = [proc.ns_ids(p)[-1] for p in cpids]
                     # per CUDA process: the GPUs it uses (UUID -> bytes), for the manifest and the estimate
                     per = {str(p): cuda.process_gpus(p) for p in cpids}
                     gpu["processes"] = per
@@ -648,7 +650,7 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
         gpu = m.get("cuda")
         if gpu and gpu.get("pids"):
             from . import cuda
-            ctree = cuda.CudaTree(gpu["pids"])
+            ctree = cuda.CudaTree(_restored_cuda_pids(gpu, tree_pids, bool(m.get("pid_namespace"))))
             if progress:
                 progress("gpu restore", 0, 1)
             ctree.restore_all(device_map=device_map)
@@ -666,6 +668,23 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
     if os.environ.get("DYNSNAP_KEEP_LOGS") is None:
         shutil.rmtree(work, ignore_errors=True)
     return RestoredProcess(rpid, snap, timings)
+
+
+def _restored_cuda_pids(gpu: dict, tree_pids: list[int], pid_namespace: bool) -> list[int]:
+    """The node pids of the restored CUDA processes: the recorded ones, or, for a tree restored into a fresh
+    pid namespace, the processes of the restored tree with the recorded pids inside the namespace."""
+    if not pid_namespace:
+        return list(gpu["pids"])
+    inside = gpu.get("ns_pids")
+    if not inside or len(inside) != len(gpu["pids"]):
+        raise SnapshotCorrupt("the snapshot's GPU section does not say which processes of its pid namespace use "
+                              "CUDA (ns_pids); take the snapshot again with this dynsnap", stage="gpu restore")
+    by_inner = {proc.ns_ids(p)[-1]: p for p in tree_pids if proc.ns_ids(p)}
+    missing = [n for n in inside if n not in by_inner]
+    if missing:
+        raise DynsnapError(f"the restored tree has no process with pid {missing[0]} inside its namespace, which "
+                           "used CUDA when the snapshot was taken", stage="gpu restore")
+    return [by_inner[n] for n in inside]
 
 
 def remove(path: str | os.PathLike, *, force: bool = False) -> Path:

@@ -80,7 +80,8 @@ else
 fi
 kv=$($PY -c 'from dynsnap_core import weights_load as w
 k = w._kvikio()
-print(f"{k.__version__} ({\"compat mode\" if w._kvikio_compat(k) else \"GDS\"})" if k else "not installed")' 2>&1 | tail -1)
+mode = ("compat mode" if w._kvikio_compat(k) else "GDS") if k else ""
+print(k.__version__ + " (" + mode + ")" if k else "not installed")' 2>&1 | tail -1)
 note "kvikio: $kv"
 
 criu_ver=$("$DYNSNAP_CRIU" --version 2>&1 | head -1)
@@ -162,7 +163,7 @@ fi
     echo "== dynsnap gpu-check summary =="
     echo
     echo "$(date -u +%Y-%m-%d), $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1),"\
-         "$(nproc) cores, kernel $(uname -r), $criu_ver, kvikio $kv, commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+         "$(nproc) cores, kernel $(uname -r), CRIU ${criu_ver#Version: }, kvikio $kv"
     echo
     echo '| step | result |'
     echo '|---|---|'
