@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+from . import criu_images
 from . import manifest as mf
 from . import proc
 from .criu import find_criu, require_privilege
@@ -606,6 +607,13 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
     if m.get("mount_namespace"):
         # a fresh mount namespace over the node's root, with the node's mounts bound in by path
         args += ["--root", "/", *CRIU_MNTNS_ARGS]
+    if m.get("pid_namespace"):
+        # a copy beside a running one: abstract socket names it holds (the CUDA driver binds one) are taken
+        renamed = criu_images.rename_taken_abstract_sockets(images, work / "images",
+                                                            lambda copy: _check_copy(copy, snap.path, m))
+        if renamed:
+            args[args.index(str(images))] = str(work / "images")
+            timings["abstract_sockets_renamed"] = len(renamed)
     if m.get("shell_job"):
         # A shell job lands in our session; left stopped, it would be an orphaned stopped process group when
         # CRIU exits, and the kernel would SIGHUP it. So verify first, then restore it running.
@@ -668,6 +676,16 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
     if os.environ.get("DYNSNAP_KEEP_LOGS") is None:
         shutil.rmtree(work, ignore_errors=True)
     return RestoredProcess(rpid, snap, timings)
+
+
+def _check_copy(copy: Path, snap_dir: Path, m: dict) -> None:
+    """A copy of a snapshot's criu/files.img matches the manifest's size and checksum (SnapshotCorrupt if not)."""
+    from . import io as dio
+    want = next((f for f in m.get("files", []) if f.get("path") == "criu/files.img"), None)
+    got = dio.hash_file(str(copy), direct=False)
+    if want is None or got.size != want["size"] or got.xxh3 != want["xxh3"]:
+        raise SnapshotCorrupt(f"{snap_dir / 'criu' / 'files.img'} does not match its checksum in the manifest: the "
+                              "file was altered or damaged", stage="verify", path=str(snap_dir / "criu" / "files.img"))
 
 
 def _restored_cuda_pids(gpu: dict, tree_pids: list[int], pid_namespace: bool) -> list[int]:

@@ -200,3 +200,32 @@ def test_process_over_another_root_file_system_is_refused(tmp_path):
         p.wait()
         if inner is not None:
             _wait(lambda: _gone(inner), "the contained process to end")
+
+
+def test_copies_side_by_side_with_an_abstract_socket(tmp_path, home, inits):
+    """A worker holding a bound abstract UNIX socket (as every CUDA process does): the first copy keeps its
+    name, a copy beside it gets a fresh name of the same length (the shared network namespace has one of each),
+    and the snapshot's files are unchanged."""
+    name = f"dynsnap-test-{os.getpid()}-uvm"
+    init, sock = _run_worker(tmp_path, inits, "--abstract", name)
+    assert request_json(sock, "check")["abstract"] == {"ok": True, "name": name}
+    snap = tmp_path / "snap"
+    r = cli("checkpoint", "--pid", init, "--out", snap)
+    assert r.returncode == 0, r.stderr
+    _wait(lambda: _gone(init), "the checkpointed tree to end")
+    files_img = (snap / "criu" / "files.img").read_bytes()
+    names = []
+    for i in range(2):
+        r = cli("restore", snap, "--json")
+        assert r.returncode == 0, r.stderr
+        inits.append(json.loads(r.stdout)["pid"])
+        got = request_json(sock, "check")
+        assert got["all_ok"], got
+        names.append(got["abstract"]["name"])
+        assert json.loads(r.stdout)["timings"].get("abstract_sockets_renamed", 0) == i
+        os.rename(sock, tmp_path / f"copy{i}.sock")
+    assert names[0] == name and names[1] != name and len(names[1]) == len(name)
+    assert names[1].startswith(name[:len(name) - 12])
+    assert (snap / "criu" / "files.img").read_bytes() == files_img
+    r = cli("verify", snap)
+    assert r.returncode == 0, r.stderr

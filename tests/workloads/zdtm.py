@@ -22,6 +22,7 @@ ap.add_argument("--memfd", action="store_true")
 ap.add_argument("--file")
 ap.add_argument("--io-uring", action="store_true", help="hold an io_uring instance (CRIU cannot dump it)")
 ap.add_argument("--child", action="store_true", help="fork a child that echoes over a pair of pipes")
+ap.add_argument("--abstract", help="listen on this abstract UNIX socket name too (as the CUDA driver does)")
 ap.add_argument("--see", help="report what the process sees: its /proc, and this file's content (a node path)")
 a = ap.parse_args()
 
@@ -139,6 +140,17 @@ if a.see:
         return {"ok": own, "proc_self": os.readlink("/proc/self"), "init": init[3].decode() if len(init) > 3 else "",
                 "file": seen, "proc_mounts": mounts.count("/proc"), "mounts": mounts}
     state["see"] = see_check
+
+if a.abstract:
+    asrv = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    asrv.bind("\0" + a.abstract)
+    asrv.listen(4)
+
+    def abstract_check():
+        name = asrv.getsockname()
+        name = name.decode("latin-1") if isinstance(name, bytes) else name
+        return {"ok": name.startswith("\0") and len(name) == len(a.abstract) + 1, "name": name[1:]}
+    state["abstract"] = abstract_check
 
 counter = [0]
 srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
