@@ -242,3 +242,25 @@ def test_model_shapes_are_realistic():
     gb = lambda shapes: sum(2 * int(np.prod(s)) for _n, s in shapes) / 1e9  # noqa: E731
     assert 250 <= len(small) <= 350 and 1.0 < gb(small) < 1.4
     assert 14 < gb(big) < 18
+
+
+def test_bench_weights_targets_read_the_largest_set():
+    """The targets table of `bench weights` (gpu-check's summary) from a result: ratios, limit, kvikio rows."""
+    from dynsnap_core import bench_weights as bw
+    row = lambda size, cache, method, gbps, **kw: {"size_gb": size, "bytes": int(gbps * 1e9), "tensors": 1,  # noqa: E731
+                                                   "method": method, "cache": cache, "seconds": 1.0,
+                                                   "cpu_seconds": 1.0, "gbps": gbps, "bit_exact": True, **kw}
+    res = {"date": "d", "machine": {}, "config": {"threads": 16, "chunk": 8 << 20, "nbuf": 3},
+           "limits": {"h2d_pinned_gbps": 50.0, "pagecache_gbps": 40.0, "disk_odirect_gbps": 2.0},
+           "rows": [row(16, "warm", "dynsnap pipeline", 37.0), row(16, "warm", "safetensors load_file(cuda)", 5.0),
+                    row(16, "warm", "pipeline, 4 threads", 1.0, sweep=True),
+                    row(16, "cold", "dynsnap kvikio (tuned)", 1.9), row(16, "cold", "kvikio defaults", 2.0),
+                    row(1.2, "warm", "dynsnap pipeline", 1.0),
+                    {"size_gb": 16, "cache": "warm", "method": "kvikio defaults", "error": "boom"}]}
+    bw._ratios(res)
+    assert bw.targets(res) == [
+        ("16 GB warm pipeline >= 4x safetensors", True, "37.00 GB/s = 7.40x"),
+        ("16 GB warm pipeline >= 90% of min(page cache -> pinned, H2D)", True, "92% of 40.00 GB/s"),
+        ("16 GB cold kvikio tuned >= kvikio defaults", False, "1.90 vs 2.00 GB/s")]
+    md = bw.format_markdown(res)
+    assert "| 16 | warm | kvikio defaults | FAILED: boom |" in md and "| 16 GB cold kvikio tuned >= kvikio defaults | **no** |" in md
