@@ -89,6 +89,8 @@ def format_text(info: dict) -> str:
     ]
     restore = ("into a fresh pid namespace: any pids may be in use, copies can run side by side"
                if m.get("pid_namespace") else "with its original pids, which must be free")
+    if m.get("mount_namespace"):
+        restore += "; its own mount namespace and /proc, the node's other mounts bound at the same paths"
     if m.get("shell_job"):
         restore += "; a shell job: restore from a terminal"
     lines.append(f"restores   {restore}")

@@ -72,7 +72,8 @@ def test_run_snapshot_restores_twice_side_by_side(tmp_path, home, inits):
     assert m["pid_namespace"] is True and m["shell_job"] is False and m["pids"] == [init, worker]
     _wait(lambda: _gone(init), "the checkpointed tree to end")
     r = cli("inspect", snap)
-    assert "restores   into a fresh pid namespace: any pids may be in use, copies can run side by side" in r.stdout
+    assert ("restores   into a fresh pid namespace: any pids may be in use, copies can run side by side; its own mount "
+            "namespace and /proc, the node's other mounts bound at the same paths") in r.stdout
 
     copies = []
     for i in range(2):                    # the second copy runs while the first holds the same in-namespace pids
