@@ -176,15 +176,21 @@ def cmd_bench(a) -> int:
         "weights": lambda m: m.run([float(x) for x in (a.sizes or "1.2,16").split(",") if x.strip()],
                                    dir=a.dir or "/var/tmp", cold=not a.no_cold, progress=say),
         "restore": lambda m: m.run(a.dir or None, size_mb=a.size_mb, progress=say),
+        "e2e": lambda m: m.run(a.model, device=a.device, kv_gb=a.kv_gb, dir=a.dir or "/var/tmp", cold=not a.no_cold,
+                               progress=say),
     }
     if a.what not in runs:
         raise DynsnapError(f"unknown benchmark {a.what!r}", stage="bench")
     module = importlib.import_module(f"dynsnap_core.bench_{a.what}")
+    if getattr(a, "plot", None) and not hasattr(module, "plot"):
+        raise DynsnapError(f"--plot is for bench e2e, not bench {a.what}", stage="bench")
     res = runs[a.what](module)
     if a.json:
         _emit_json(res)
     else:
         print(module.format_table(res))
+    if getattr(a, "plot", None):
+        say(f"plot: {module.plot(res, a.plot)}")
     return 0
 
 
@@ -296,8 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_demo)
 
-    s = sub.add_parser("bench", help="benchmarks: io, memfd, weights, restore")
-    s.add_argument("what", choices=["io", "memfd", "weights", "restore"])
+    s = sub.add_parser("bench", help="benchmarks: io, memfd, weights, restore, e2e")
+    s.add_argument("what", choices=["io", "memfd", "weights", "restore", "e2e"])
+    s.add_argument("--model", default="qwen3-0.6b", help="e2e: qwen3-0.6b, qwen3-8b or tiny (default qwen3-0.6b)")
+    s.add_argument("--device", default="cuda:0", help="e2e: where the worker runs (default cuda:0; cpu works)")
+    s.add_argument("--kv-gb", type=float, help="e2e: the worker's KV pool in GB (default 16 on a GPU, 0.25 on cpu)")
+    s.add_argument("--plot", help="e2e: write a PNG of each row's restore phases to this file")
     s.add_argument("--sizes", help="weights: comma-separated GB of bf16 weights (default 1.2,16)")
     s.add_argument("--threads", help="memfd: comma-separated thread counts (default 1,2,4,8,16 up to the cores)")
     s.add_argument("--no-cold", action="store_true", help="memfd: skip the cold-cache (drop_caches) runs")

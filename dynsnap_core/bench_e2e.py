@@ -1,0 +1,323 @@
+"""End-to-end benchmark: a warmed LLM worker, from `restore` to its first correct answer, stock tools vs dynsnap.
+
+One run measures, for the reference worker (dynsnap_core/e2e_worker.py: Qwen3 architecture, random weights
+from a local safetensors file, an engine-sized KV pool):
+- cold start: process start -> first token (imports, weights, warm-up generation);
+- the stock path: CRIU's CLI (`criu dump` / `criu restore -d`) plus the driver's checkpoint API called directly,
+  on a worker started with setsid; with the KV pool kept, and freed through the worker's quiesce hook;
+- dynsnap: `checkpoint` / `restore` (durable, checksummed) of a worker started by `dynsnap run`, plain and with
+  the KV pool released;
+each restored with the page cache warm and, as root, cold (drop_caches). Every row records checkpoint time,
+image size, the restore's phases and restore -> first token, and compares the greedy tokens with those of the
+cold-started worker. ``dynsnap bench e2e --model qwen3-0.6b [--json] [--plot FILE]``; on a machine without a
+GPU, ``--device cpu --model tiny`` runs the same rows on the CPU.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from . import proc
+from .benchutil import drop_caches
+from .errors import DynsnapError
+
+__all__ = ["run", "format_table", "plot", "ROWS"]
+
+# (row name, how the worker starts, release the KV pool before the checkpoint, tool)
+ROWS = [("stock criu + driver, KV kept", "setsid", False, "stock"),
+        ("stock criu + driver, KV freed", "setsid", True, "stock"),
+        ("dynsnap, KV kept", "run", False, "dynsnap"),
+        ("dynsnap, KV released", "run", True, "dynsnap")]
+
+
+def _request(sock: str, req: dict, timeout: float = 600) -> dict:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(sock)
+        s.sendall((json.dumps(req) + "\n").encode())
+        buf = b""
+        while not buf.endswith(b"\n"):
+            part = s.recv(1 << 16)
+            if not part:
+                break
+            buf += part
+    rep = json.loads(buf)
+    if not rep.get("ok"):
+        raise DynsnapError(f"the e2e worker refused {req.get('op')}: {rep.get('error')}", stage="bench")
+    return rep
+
+
+def _du(path: str) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+class _Run:
+    """One bench run's state: where things go, the worker's arguments, the processes to clean up."""
+
+    def __init__(self, model: str, device: str, kv_gb: float, work: str, weights_dir: str, max_new: int,
+                 say: Callable[[str], None]) -> None:
+        self.model, self.device, self.kv_gb, self.work, self.max_new, self.say = model, device, kv_gb, work, max_new, say
+        self.weights_dir = weights_dir
+        self.cuda = device.startswith("cuda")
+        self.owned: list[int] = []            # roots to kill at the end
+        self.popens: list[subprocess.Popen] = []
+        self.n = 0
+
+    def worker_cmd(self, sock: str, ready: str) -> list[str]:
+        return [sys.executable, "-m", "dynsnap_core.e2e_worker", "--model", self.model, "--weights",
+                self.weights_dir, "--sock", sock, "--ready", ready, "--device", self.device, "--kv-gb",
+                str(self.kv_gb), "--max-new", str(self.max_new)]
+
+    def start(self, how: str) -> tuple[int, str, dict, float]:
+        """Start a worker; (pid to checkpoint, socket, its ready report, seconds from start to first token)."""
+        self.n += 1
+        d = os.path.join(self.work, f"w{self.n}")
+        os.makedirs(d)
+        sock, ready, log = os.path.join(d, "sock"), os.path.join(d, "ready"), os.path.join(d, "log")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(__file__)),
+                                                            os.environ.get("PYTHONPATH", "")])}
+        t0 = time.perf_counter()
+        if how == "run":
+            from .launch import launch
+            pid = launch(self.worker_cmd(sock, ready), log=log, cwd=d, env=env)
+        else:
+            with open(log, "ab") as lf:
+                p = subprocess.Popen(self.worker_cmd(sock, ready), stdin=subprocess.DEVNULL, stdout=lf, stderr=lf,
+                                     cwd=d, env=env, start_new_session=True)
+            pid = p.pid
+            self.popens.append(p)
+        self.owned.append(pid)
+        while not os.path.exists(ready):
+            proc.reap_children()
+            if not proc.exists(pid):
+                with open(log, errors="replace") as fh:
+                    raise DynsnapError(f"the e2e worker exited while starting: {fh.read()[-2000:]}", stage="bench")
+            time.sleep(0.02)
+        first = time.perf_counter() - t0
+        with open(ready) as fh:
+            info = json.load(fh)
+        return pid, sock, info, first
+
+    def kill(self, pid: int) -> None:
+        """SIGKILL the tree and wait until its pids are free again (reaped: we are the subreaper)."""
+        tree = proc.tree(pid)
+        proc.kill_tree(list(reversed(tree)))
+        end = time.monotonic() + 30
+        while any(os.path.exists(f"/proc/{p}") for p in tree) and time.monotonic() < end:
+            proc.reap_children()
+            time.sleep(0.02)
+        for p in self.popens:
+            p.poll()                          # reaped above (ECHILD): Popen records it and stays quiet
+
+    def cleanup(self) -> None:
+        for pid in self.owned:
+            if proc.exists(pid):
+                self.kill(pid)
+
+
+def _stock_checkpoint(r: _Run, pid: int, images: str) -> dict:
+    from .criu import find_criu
+    criu = find_criu()
+    t: dict[str, float] = {}
+    tree = proc.tree(pid)
+    ctree = None
+    if r.cuda:
+        from . import cuda
+        ctree = cuda.CudaTree(cuda.cuda_pids(tree))
+        ctree.lock_all()
+        ctree.checkpoint_all()
+        t.update(ctree.timings)
+    os.makedirs(images)
+    t["criu_dump"] = criu.run(["dump", "-t", str(pid), "-D", images, "--file-locks"], log=Path(images) / "dump.log",
+                              stage="dump", pid=pid)
+    return {"timings": t, "cuda_pids": ctree.pids if ctree else []}
+
+
+def _stock_restore(r: _Run, images: str, cuda_pids: list[int], tag: str) -> tuple[int, dict]:
+    from .criu import find_criu
+    criu = find_criu()
+    t: dict[str, float] = {}
+    wd = os.path.join(r.work, f"restore-{tag}-{time.monotonic_ns()}")
+    os.makedirs(wd)
+    t["criu_restore"] = criu.run(["restore", "-D", images, "-W", wd, "-d", "--pidfile", os.path.join(wd, "pid"),
+                                  "--file-locks"], log=Path(wd) / "restore.log", stage="restore")
+    with open(os.path.join(wd, "pid")) as fh:
+        pid = int(fh.read())
+    r.owned.append(pid)
+    if cuda_pids:
+        from . import cuda
+        ctree = cuda.CudaTree(cuda_pids)
+        ctree.restore_all()
+        ctree.unlock_all()
+        t.update(ctree.timings)
+    return pid, t
+
+
+def _row(r: _Run, name: str, how: str, release: bool, tool: str, ref: list[int], caches: list[str]) -> list[dict]:
+    from . import snapshot
+    r.say(f"{name}: starting a worker")
+    pid, sock, _info, _ = r.start(how)
+    before = _request(sock, {"op": "memory"})
+    t0 = time.perf_counter()
+    released = _request(sock, {"op": "quiesce"})["released_bytes"] if release else 0
+    t_quiesce = time.perf_counter() - t0
+    r.say(f"{name}: checkpoint")
+    where = os.path.join(r.work, f"snap-{r.n}")
+    t0 = time.perf_counter()
+    if tool == "stock":
+        ck = _stock_checkpoint(r, pid, where)
+        ck_t, cuda_pids = ck["timings"], ck["cuda_pids"]
+    else:
+        s = snapshot.checkpoint(pid, where)
+        ck_t, cuda_pids = dict(s.manifest.get("timings", {})), []
+    ck_s = time.perf_counter() - t0 + t_quiesce
+    r.kill(pid)
+    image = _du(where)
+    rows = []
+    for cache in caches:
+        if cache == "cold" and not drop_caches():
+            continue
+        r.say(f"{name}: restore, page cache {cache}")
+        t0 = time.perf_counter()
+        if tool == "stock":
+            rpid, phases = _stock_restore(r, where, cuda_pids, cache)
+        else:
+            rp = snapshot.restore(where)
+            rpid, phases = rp.pid, {k: v for k, v in rp.timings.items() if k != "total"}
+            r.owned.append(rpid)
+        t_restore = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        if release:
+            _request(sock, {"op": "resume"})
+        t_resume = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        rep = _request(sock, {"op": "generate", "tokens": _prompt(), "max_new": r.max_new})
+        t_first = time.perf_counter() - t1
+        rows.append({"row": name, "cache": cache, "tool": tool, "kv_released": release,
+                     "checkpoint_s": ck_s, "checkpoint_phases": ck_t, "image_bytes": image,
+                     "released_bytes": released, "gpu_bytes_before": before.get("allocated", 0),
+                     "restore_s": t_restore, "restore_phases": phases, "resume_s": t_resume,
+                     "first_generation_s": t_first, "first_answer_s": time.perf_counter() - t0,
+                     "tokens_match": rep["tokens"] == ref})
+        r.kill(rpid)
+    shutil.rmtree(where, ignore_errors=True)
+    return rows
+
+
+def _prompt() -> list[int]:
+    from .e2e_worker import PROMPT
+    return list(PROMPT)
+
+
+def run(model: str = "qwen3-0.6b", device: str = "cuda:0", kv_gb: Optional[float] = None, dir: str = "/var/tmp",
+        cold: bool = True, max_new: int = 16, rows: Optional[list[str]] = None,
+        progress: Optional[Callable[[str], None]] = None) -> dict:
+    """Run the benchmark; returns a JSON-able dict (machine, config, cold start, one entry per row and cache)."""
+    from .criu import require_privilege
+    say = progress or (lambda s: None)
+    require_privilege("bench e2e")
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise DynsnapError(f"bench e2e needs torch and transformers for its reference worker ({e.name} is missing)",
+                           stage="bench") from None
+    from . import e2e_worker
+    if model not in e2e_worker.MODELS:
+        raise DynsnapError(f"unknown model {model!r}: use one of {', '.join(e2e_worker.MODELS)}", stage="bench")
+    if kv_gb is None:
+        kv_gb = 16.0 if device.startswith("cuda") else 0.25
+    proc.set_child_subreaper()
+    weights_dir = os.path.join(dir, "dynsnap-e2e-weights")
+    say(f"weights: {e2e_worker.weights_path(model, weights_dir)} (written once)")
+    e2e_worker.ensure_weights(model, weights_dir)
+    work = tempfile.mkdtemp(prefix="dynsnap-bench-e2e-", dir=dir)
+    r = _Run(model, device, kv_gb, work, weights_dir, max_new, say)
+    res: dict = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                 "machine": {"host": platform.node(), "kernel": platform.release(), "cpus": os.cpu_count()},
+                 "config": {"model": model, "device": device, "kv_gb": kv_gb, "max_new": max_new}, "rows": []}
+    try:
+        say("cold start: process start -> first token")
+        if cold:
+            drop_caches()
+        pid, sock, info, first = r.start("run")
+        ref = _request(sock, {"op": "generate", "tokens": _prompt(), "max_new": max_new})["tokens"]
+        res["cold_start"] = {"first_token_s": first, "import_s": info["import_s"], "load_s": info["load_s"],
+                             "warm_s": info["warm_s"], "tokens": ref}
+        r.kill(pid)
+        caches = (["warm", "cold"] if cold else ["warm"])
+        for name, how, release, tool in ROWS:
+            if rows and name not in rows:
+                continue
+            res["rows"] += _row(r, name, how, release, tool, ref, caches)
+    finally:
+        r.cleanup()
+        shutil.rmtree(work, ignore_errors=True)
+    return res
+
+
+def format_table(res: dict) -> str:
+    c = res["config"]
+    cs = res.get("cold_start", {})
+    lines = [f"machine: {res['machine']}", f"config: {c}",
+             f"cold start -> first token {cs.get('first_token_s', 0):.2f} s (imports {cs.get('import_s', 0):.2f}, "
+             f"weights {cs.get('load_s', 0):.2f}, warm-up {cs.get('warm_s', 0):.2f})",
+             "== table ==",
+             f"{'row':<32} {'cache':<5} {'ckpt s':>7} {'image GiB':>9} {'restore s':>9} {'1st gen s':>9} "
+             f"{'answer s':>8} {'vs stock':>8} same"]
+    stock = {(x["cache"], x["kv_released"]): x["first_answer_s"] for x in res["rows"] if x["tool"] == "stock"}
+    for x in res["rows"]:
+        b = stock.get((x["cache"], x["kv_released"]))
+        ratio = f"{b / x['first_answer_s']:.2f}x" if b else "-"
+        lines.append(f"{x['row']:<32} {x['cache']:<5} {x['checkpoint_s']:7.2f} {x['image_bytes'] / 2**30:9.2f} "
+                     f"{x['restore_s']:9.2f} {x['first_generation_s']:9.2f} {x['first_answer_s']:8.2f} {ratio:>8} "
+                     f"{'yes' if x['tokens_match'] else 'NO'}")
+    return "\n".join(lines)
+
+
+def plot(res: dict, path: str) -> str:
+    """A PNG of restore -> first answer per row, split into its phases (needs matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise DynsnapError("--plot needs matplotlib (pip install matplotlib)", stage="bench") from None
+    rows = res["rows"]
+    labels = [f"{x['row']}\n({x['cache']})" for x in rows]
+    parts = {"restore": [x["restore_s"] for x in rows], "resume hook": [x["resume_s"] for x in rows],
+             "first generation": [x["first_generation_s"] for x in rows]}
+    fig, ax = plt.subplots(figsize=(10, 0.6 * len(rows) + 1.5))
+    left = [0.0] * len(rows)
+    for name, vals in parts.items():
+        ax.barh(labels, vals, left=left, label=name)
+        left = [a + b for a, b in zip(left, vals)]
+    for i, x in enumerate(rows):
+        ax.text(left[i], i, f" {x['first_answer_s']:.2f} s" + ("" if x["tokens_match"] else " (tokens differ)"),
+                va="center")
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds from restore to the first correct answer")
+    ax.set_title(f"{res['config']['model']} on {res['config']['device']}, {res['date'][:10]}")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
