@@ -1,4 +1,4 @@
-"""The `dynsnap` command: doctor, checkpoint, restore, verify, inspect, list, demo, bench, cuda-checkpoint."""
+"""The `dynsnap` command: doctor, checkpoint, restore, check, verify, inspect, list, demo, bench, cuda-checkpoint."""
 from __future__ import annotations
 
 import argparse
@@ -102,6 +102,16 @@ def cmd_restore(a) -> int:
     else:
         print(f"restored pid {r.pid} from {r.snapshot.path}; {_fmt_timings(r.timings)}")
     return 0
+
+
+def cmd_check(a) -> int:
+    from .compat import check, format_text
+    rep = check(a.snapshot)
+    if a.json:
+        _emit_json(rep.to_dict())
+    else:
+        print(format_text(rep))
+    return 0 if rep.ok else 1
 
 
 def cmd_verify(a) -> int:
@@ -265,6 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--weights-store", help="weight directory (default: the one recorded in the snapshot)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_restore)
+
+    s = sub.add_parser("check", help="can this node restore SNAPSHOT? kernel, CRIU, CPU, memory, GPU, the worker's "
+                                     "files and pids, each ok or refused with the reason and what to change")
+    s.add_argument("snapshot", metavar="SNAPSHOT")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_check)
 
     s = sub.add_parser("verify", help="check a snapshot's manifest and every file's checksum")
     s.add_argument("dir")
