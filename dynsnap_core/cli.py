@@ -1,4 +1,4 @@
-"""The `dynsnap` command: doctor, checkpoint, restore, check, verify, inspect, list, demo, bench, cuda-checkpoint."""
+"""The `dynsnap` command: doctor, checkpoint, restore, check, agent, verify, inspect, list, demo, bench, cuda-checkpoint."""
 from __future__ import annotations
 
 import argparse
@@ -112,6 +112,26 @@ def cmd_check(a) -> int:
     else:
         print(format_text(rep))
     return 0 if rep.ok else 1
+
+
+def cmd_agent(a) -> int:
+    try:
+        from .agent import Agent, AgentConfig, probe, serve
+    except ImportError as e:
+        raise DynsnapError(f"the agent needs its extra: pip install 'dynsnap-core[agent]' ({e})",
+                           stage="agent") from None
+    if a.probe:
+        return probe(a.socket)
+    cfg = AgentConfig(storage=a.storage or os.environ.get("DYNSNAP_STORAGE") or None, workers=a.workers,
+                      max_body=a.max_body)
+    if a.root:
+        cfg.root = Path(a.root)
+    if a.cgroup_root:
+        cfg.cgroup_root = Path(a.cgroup_root)
+    if a.cache:
+        cfg.cache = Path(a.cache)
+    return serve(Agent(cfg), socket_path=a.socket, listen=a.listen, token_file=a.token_file, max_body=a.max_body,
+                 log_level=a.log_level)
 
 
 def cmd_verify(a) -> int:
@@ -281,6 +301,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("snapshot", metavar="SNAPSHOT")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_check)
+
+    s = sub.add_parser("agent", help="node agent: HTTP API on a root-only Unix socket (or TCP with a bearer token)")
+    s.add_argument("--socket", help="Unix socket (default /run/dynsnap/agent.sock; also served with --listen "
+                                    "only when given)")
+    s.add_argument("--listen", metavar="HOST:PORT", help="also serve TCP; needs --token-file")
+    s.add_argument("--token-file", help="file holding the bearer token (mode 600)")
+    s.add_argument("--root", help="snapshot directory (default: $DYNSNAP_HOME/snapshots)")
+    s.add_argument("--storage", help="object storage s3://BUCKET[/PREFIX] (default: $DYNSNAP_STORAGE)")
+    s.add_argument("--cache", help="node cache for downloaded snapshots (default: $DYNSNAP_HOME/cache/snapshots)")
+    s.add_argument("--cgroup-root", help="cgroup file system (default /sys/fs/cgroup)")
+    s.add_argument("--workers", type=int, default=4, help="jobs running at once (default 4)")
+    s.add_argument("--max-body", type=int, default=64 << 10, help="largest request body in bytes (default 65536)")
+    s.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument("--probe", action="store_true", help="ask the agent on --socket for /healthz; exit 0 when it "
+                                                        "answers ok (for liveness probes)")
+    s.set_defaults(fn=cmd_agent)
 
     s = sub.add_parser("verify", help="check a snapshot's manifest and every file's checksum")
     s.add_argument("dir")

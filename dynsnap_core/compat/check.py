@@ -281,13 +281,19 @@ def _privilege() -> Fact:
                 "run dynsnap as root")
 
 
-def check(snapshot: Any) -> Report:
-    """Compare what ``snapshot`` (a Snapshot, or a path/name) needs with this node; touches nothing."""
+def check(snapshot: Any, *, images: bool = True) -> Report:
+    """Compare what ``snapshot`` (a Snapshot, or a path/name) needs with this node; touches nothing.
+
+    ``images=False`` skips the snapshot's own files (a snapshot still in object storage, checked before its
+    download, which verifies every byte).
+    """
     from ..snapshot import Snapshot, open_snapshot
     snap = snapshot if isinstance(snapshot, Snapshot) else open_snapshot(snapshot)
     m = snap.manifest
     compat = m.get("compat") if isinstance(m.get("compat"), dict) else None
-    out: list[Fact] = [_privilege(), _images(snap.path, m), _arch(m)]
+    files = _images(snap.path, m) if images else Fact("snapshot files", OK, f"{len(m['files'])} files in object "
+                                                                              "storage (verified at download)")
+    out: list[Fact] = [_privilege(), files, _arch(m)]
     out += _kernel(m, compat)
     out += [_criu(m), _cpu(compat), _host_memory(m)]
     out += _gpu(m, compat)
@@ -295,9 +301,9 @@ def check(snapshot: Any) -> Report:
     return Report(str(snap.path), out)
 
 
-def require(snapshot: Any) -> Report:
+def require(snapshot: Any, *, images: bool = True) -> Report:
     """Run the check and raise IncompatibleSnapshot with the first refusal (and how many more) if any."""
-    rep = check(snapshot)
+    rep = check(snapshot, images=images)
     bad = rep.refusals
     if bad:
         more = f" ({len(bad) - 1} more: dynsnap check {rep.snapshot})" if len(bad) > 1 else ""
