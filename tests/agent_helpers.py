@@ -86,3 +86,132 @@ class AgentProc:
         if getattr(self, "_log", None) is not None:
             self._log.close()
             self._log = None
+
+
+class MotoServer:
+    """moto's standalone S3-compatible server on a free loopback port (a real HTTP server, state in memory)."""
+
+    def __init__(self, log: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._log = open(log, "ab")
+        self.popen = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                      stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log)
+        end = time.monotonic() + 60
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    break
+            if self.popen.poll() is not None or time.monotonic() > end:
+                raise RuntimeError(f"moto server did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.popen.terminate()
+        try:
+            self.popen.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(timeout=10)
+        self._log.close()
+
+
+class FaultProxy:
+    """A TCP proxy in front of a server that can stall after N bytes in one direction, then cut every connection
+    and refuse new ones: the object store failing in the middle of a transfer, for real."""
+
+    def __init__(self, target_port: int):
+        import threading
+        self.target = ("127.0.0.1", target_port)
+        self.lsock = socket.socket()
+        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(64)
+        self.port = self.lsock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.limit: dict[str, Optional[int]] = {"up": None, "down": None}
+        self.count = {"up": 0, "down": 0}
+        self.stalled = threading.Event()
+        self._lock = threading.Lock()
+        self._conns: list[socket.socket] = []
+        self._cut = False
+        self._threads: list = []
+        t = threading.Thread(target=self._accept, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def stall_after(self, direction: str, nbytes: int) -> None:
+        """Stop forwarding ``direction`` ('up' = to the server, 'down' = to the client) after ``nbytes`` more."""
+        with self._lock:
+            self.limit[direction] = self.count[direction] + nbytes
+
+    def _accept(self) -> None:
+        import threading
+        while True:
+            try:
+                c, _ = self.lsock.accept()
+            except OSError:
+                return
+            try:
+                s = socket.create_connection(self.target)
+            except OSError:
+                c.close()
+                continue
+            with self._lock:
+                if self._cut:
+                    c.close()
+                    s.close()
+                    return
+                self._conns += [c, s]
+            for src, dst, d in ((c, s, "up"), (s, c, "down")):
+                t = threading.Thread(target=self._pump, args=(src, dst, d), daemon=True)
+                t.start()
+                self._threads.append(t)
+
+    def _pump(self, src: socket.socket, dst: socket.socket, direction: str) -> None:
+        while True:
+            try:
+                data = src.recv(65536)
+            except OSError:
+                return
+            if not data:
+                try:
+                    dst.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+                return
+            with self._lock:
+                lim = self.limit[direction]
+                if lim is not None and self.count[direction] + len(data) > lim:
+                    self.stalled.set()
+                    stall = True
+                else:
+                    self.count[direction] += len(data)
+                    stall = False
+            if stall:
+                while not self._cut:       # hold the bytes until the test cuts the connections
+                    time.sleep(0.01)
+                return
+            try:
+                dst.sendall(data)
+            except OSError:
+                return
+
+    def cut(self) -> None:
+        """Close every connection (mid-transfer) and stop accepting: the store is gone."""
+        with self._lock:
+            self._cut = True
+            conns, self._conns = self._conns, []
+        try:
+            self.lsock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.lsock.close()
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            c.close()
+        for t in self._threads:
+            t.join(timeout=10)

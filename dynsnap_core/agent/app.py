@@ -177,9 +177,10 @@ def create_app(agent: Agent, *, token: Optional[str] = None, max_body: int = 64 
                            leave_running=req.leave_running, upload=req.upload)
         return job_response(job)
 
-    @app.get("/v1/snapshots", summary="snapshots on this node and, when configured, in object storage")
-    def list_snapshots() -> list:
-        return agent.list()
+    @app.get("/v1/snapshots", summary="snapshots on this node and, when configured, in object storage "
+                                      "(?location=local|remote|all)")
+    def list_snapshots(location: str = "all") -> list:
+        return agent.list(location)
 
     @app.get("/v1/snapshots/{name}", summary="one snapshot and its manifest")
     def get_snapshot(name: str) -> dict:

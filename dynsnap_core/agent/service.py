@@ -138,10 +138,14 @@ class Agent:
             return res
         return self.jobs.submit("checkpoint", [f"tree:{root_pid}", f"snapshot:{name}"], req, run)
 
-    def list(self) -> list[dict]:
+    def list(self, location: str = "all") -> list[dict]:
+        """Snapshots on this node and (``location="all"``) in object storage; ``local`` never asks the store."""
         from ..snapshot import list_snapshots
-        rows = {r["name"]: {**r, "location": ["local"]} for r in list_snapshots(self.root)}
-        if self.remote is not None:
+        if location not in ("all", "local", "remote"):
+            raise DynsnapError(f"location {location!r} is not one of all, local, remote", stage="list")
+        rows = {r["name"]: {**r, "location": ["local"]} for r in list_snapshots(self.root)} \
+            if location != "remote" else {}
+        if self.remote is not None and location != "local":
             for r in self.remote.list():
                 if r["name"] in rows:
                     rows[r["name"]]["location"].append("remote")
