@@ -131,7 +131,7 @@ def cmd_agent(a) -> int:
     if a.cache:
         cfg.cache = Path(a.cache)
     return serve(Agent(cfg), socket_path=a.socket, listen=a.listen, token_file=a.token_file, max_body=a.max_body,
-                 log_level=a.log_level)
+                 log_level=a.log_level, drain=a.drain)
 
 
 def cmd_verify(a) -> int:
@@ -311,9 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--storage", help="object storage s3://BUCKET[/PREFIX] (default: $DYNSNAP_STORAGE)")
     s.add_argument("--cache", help="node cache for downloaded snapshots (default: $DYNSNAP_HOME/cache/snapshots)")
     s.add_argument("--cgroup-root", help="cgroup file system (default /sys/fs/cgroup)")
-    s.add_argument("--workers", type=int, default=4, help="jobs running at once (default 4)")
+    s.add_argument("--workers", type=int, default=int(os.environ.get("DYNSNAP_AGENT_WORKERS") or 4),
+                   help="jobs running at once (default $DYNSNAP_AGENT_WORKERS or 4)")
+    s.add_argument("--drain", type=float, default=300,
+                   help="on SIGTERM, seconds running jobs get to finish (default 300)")
     s.add_argument("--max-body", type=int, default=64 << 10, help="largest request body in bytes (default 65536)")
-    s.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument("--log-level", default=os.environ.get("DYNSNAP_AGENT_LOG_LEVEL") or "warning",
+                   choices=["critical", "error", "warning", "info", "debug"])
     s.add_argument("--probe", action="store_true", help="ask the agent on --socket for /healthz; exit 0 when it "
                                                         "answers ok (for liveness probes)")
     s.set_defaults(fn=cmd_agent)
