@@ -310,3 +310,22 @@ def test_job_manager_keys(tmp_path):
     assert list(lost) == [d.id] and lost[d.id].state == "failed"
     assert lost[d.id].error["error"] == "AgentRestarted"
     assert again.get(a.id).state == "succeeded"
+
+
+def test_probe_and_graceful_stop(agent, sockdir, tmp_path):
+    """`dynsnap agent --probe` (the chart's liveness probe) answers 0 only while an agent serves; SIGTERM removes
+    the socket; a second agent on a live socket is refused without touching it."""
+    a = agent()
+    r = subprocess.run([sys.executable, "-m", "dynsnap_core.cli", "agent", "--probe", "--socket", str(a.sock)],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip() == f"dynsnap agent on {a.sock}: ok"
+    r = subprocess.run([sys.executable, "-m", "dynsnap_core.cli", "agent", "--socket", str(a.sock)],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT,
+                       env={**os.environ, "DYNSNAP_HOME": str(tmp_path / "other")})
+    assert r.returncode == 1 and r.stderr.strip() == f"dynsnap agent: another agent is listening on {a.sock}"
+    assert a.client.get("/healthz").status_code == 200
+    a.stop()
+    assert a.popen.returncode == 0 and not a.sock.exists()
+    r = subprocess.run([sys.executable, "-m", "dynsnap_core.cli", "agent", "--probe", "--socket", str(a.sock)],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 1 and r.stdout.startswith(f"dynsnap agent: no answer on {a.sock}: ")
