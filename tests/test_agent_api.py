@@ -291,25 +291,29 @@ def test_job_manager_keys(tmp_path):
     assert started.wait(60)
     b = jm.submit("t", ["tree:2"], {}, lambda job: {"ok": 2})
     c = jm.submit("t", ["tree:1"], {}, lambda job: {"ok": 3})
-    sig = jm._sig(b)
+    sig = jm.signature(b)
     while b.state != "succeeded":
         sig = jm.wait_change(b, sig, 10)
     assert a.state == "running" and c.state == "queued" and jm.busy("tree:1")
     gate.set()
-    sig = jm._sig(c)
+    sig = jm.signature(c)
     while c.state != "succeeded":
         sig = jm.wait_change(c, sig, 10)
     assert c.started >= a.finished and c.result == {"ok": 3}
-    # a restarted manager reports what an earlier one left unfinished as failed
-    d = jm.submit("t", ["tree:9"], {}, lambda job: gate.wait(0) and {})
+    # a restarted manager reports what an earlier one left unfinished as failed: rewrite a finished job's file
+    # as an agent killed during its persist phase would have left it
     jm.close(timeout=30)
-    (tmp_path / "jobs" / f"{d.id}.json").write_text(
-        (tmp_path / "jobs" / f"{d.id}.json").read_text().replace('"succeeded"', '"running"'))
+    path = tmp_path / "jobs" / f"{b.id}.json"
+    data = json.loads(path.read_text())
+    data.update(state="running", phase="persist")
+    path.write_text(json.dumps(data))
     again = JobManager(tmp_path / "jobs")
     lost = {j.id: j for j in again.interrupted}
-    assert list(lost) == [d.id] and lost[d.id].state == "failed"
-    assert lost[d.id].error["error"] == "AgentRestarted"
-    assert again.get(a.id).state == "succeeded"
+    assert list(lost) == [b.id] and lost[b.id].state == "failed"
+    assert lost[b.id].error == {"error": "AgentRestarted", "stage": "persist", "message": "the agent stopped while "
+                                "this job was running (during persist); nothing it started was kept"}
+    assert again.get(a.id).state == "succeeded" and again.get(c.id).result == {"ok": 3}
+    assert json.loads(path.read_text())["state"] == "failed"
 
 
 def test_probe_and_graceful_stop(agent, sockdir, tmp_path):

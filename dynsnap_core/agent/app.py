@@ -220,7 +220,7 @@ def create_app(agent: Agent, *, token: Optional[str] = None, max_body: int = 64 
         if wait:
             import time
             end = time.monotonic() + wait
-            sig = agent.jobs._sig(job)
+            sig = agent.jobs.signature(job)
             while job.state not in ("succeeded", "failed") and time.monotonic() < end:
                 sig = agent.jobs.wait_change(job, sig, min(1.0, end - time.monotonic()))
         return job.to_dict(events=events)

@@ -17,6 +17,7 @@ __all__ = ["Job", "JobManager", "STATES"]
 
 STATES = ("queued", "running", "succeeded", "failed")
 MAX_EVENTS = 1000
+KEEP = 1000             # finished jobs remembered across restarts
 
 
 @dataclass
@@ -78,9 +79,15 @@ class JobManager:
         os.replace(tmp, self.dir / f"{job.id}.json")
 
     def _load(self) -> list[Job]:
-        """Read earlier jobs; those an earlier agent left queued or running are marked failed (returned)."""
+        """Read earlier jobs; those an earlier agent left queued or running are marked failed (returned).
+
+        Only the newest KEEP finished jobs are kept; older job files are removed.
+        """
         lost = []
-        for p in sorted(self.dir.glob("*.json")):
+        files = sorted(self.dir.glob("*.json"), key=lambda p: p.stat().st_mtime)
+        for p in files[:-KEEP]:
+            p.unlink(missing_ok=True)
+        for p in files[-KEEP:]:
             try:
                 d = json.loads(p.read_text())
                 job = Job(id=d["id"], kind=d["kind"], keys=d.get("keys") or [], request=d.get("request") or {},
@@ -153,11 +160,12 @@ class JobManager:
     def wait_change(self, job: Job, seen: tuple, timeout: float) -> tuple:
         """Block until the job's (state, phase, done, events) differs from ``seen`` or ``timeout``; the new value."""
         with self._cv:
-            self._cv.wait_for(lambda: self._sig(job) != seen or self._closed, timeout=timeout)
-            return self._sig(job)
+            self._cv.wait_for(lambda: self.signature(job) != seen or self._closed, timeout=timeout)
+            return self.signature(job)
 
     @staticmethod
-    def _sig(job: Job) -> tuple:
+    def signature(job: Job) -> tuple:
+        """What changes when a job makes progress: (state, phase, done, number of events)."""
         return (job.state, job.phase, job.done, len(job.events))
 
     def close(self, timeout: float = 0) -> None:

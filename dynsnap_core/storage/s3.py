@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 from .. import manifest as mf
 from ..durable import fsync_path
 from ..errors import DynsnapError, SnapshotCorrupt, SnapshotExists, SnapshotNotFound, StorageError
+from . import NAME
 
 __all__ = ["S3Store", "COMPLETE", "PART_SIZE"]
 
@@ -117,6 +118,8 @@ class S3Store:
             rest = k[len(base):]
             if rest.count("/") == 1 and rest.endswith("/" + COMPLETE):
                 name = rest.split("/", 1)[0]
+                if not NAME.match(name) or ".." in name:
+                    continue          # not written by dynsnap: never a name the agent would use
                 marker = self._marker(name)
                 if marker:
                     rows.append({"name": name, "location": "remote", "url": self.where(name),
