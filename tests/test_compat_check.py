@@ -17,7 +17,7 @@ from helpers import cli, kill_proc
 pytestmark = pytest.mark.criu
 
 FACT_NAMES = ["privilege", "snapshot files", "architecture", "kernel", "kernel features", "CRIU", "CPU",
-              "host memory", "GPU", "executable and libraries", "pids"]
+              "host memory", "GPU", "executable and libraries", "open files and directories", "pids"]
 
 
 def _facts(r: subprocess.CompletedProcess) -> dict:
@@ -110,7 +110,7 @@ def test_old_snapshot_without_facts_restores(workload, tmp_path, home):
     r = cli("check", out, "--json")
     assert r.returncode == 0, r.stdout
     facts = _facts(r)
-    for name in ("kernel features", "CPU", "executable and libraries"):
+    for name in ("kernel features", "CPU", "executable and libraries", "open files and directories"):
         assert facts[name]["status"] == "unknown"
         assert "not recorded (snapshot taken before dynsnap recorded it)" in facts[name]["detail"]
     assert facts["kernel"]["status"] == "ok" and facts["CRIU"]["status"] == "ok"
@@ -232,3 +232,56 @@ def test_compat_gpu_section():
     assert c["memory_needed"] == {"GPU-a": 6, "MIG-b": 7}
     assert [d["mig"] for d in c["devices"]] == [False, True]
     assert c["driver_version"] == 13000
+
+
+def test_open_file_and_cwd_must_exist(workload, tmp_path, home):
+    """A file the worker holds open, and its working directory, are paths CRIU opens again: missing is refused."""
+    path = tmp_path / "data" / "out.txt"
+    path.parent.mkdir()
+    w = workload("--file", str(path))
+    out = tmp_path / "snap"
+    assert cli("checkpoint", "--pid", w.pid, "--out", out).returncode == 0
+    w.reap_original()
+    paths = {p["path"]: p["kind"] for p in json.loads((out / "manifest.json").read_text())["compat"]["paths"]}
+    assert paths[str(path)] == "open file"
+    from helpers import ROOT
+    assert paths[str(ROOT)] == "working directory"
+    saved = path.read_bytes()
+    path.unlink()
+    f = _facts(cli("check", out, "--json"))["open files and directories"]
+    assert f["status"] == "refuse"
+    assert f["detail"] == f"{path} is missing; the worker had it open (open file)"
+    assert _one_line(cli("restore", out), "restore") == f["detail"]
+    path.write_bytes(saved)
+    assert _facts(cli("check", out, "--json"))["open files and directories"]["status"] == "ok"
+    r = cli("restore", out)
+    assert r.returncode == 0, r.stderr
+    assert w.request()["file"]["ok"]
+
+
+def test_paths_in_another_mount_namespace_are_not_compared(tmp_path):
+    """A worker in its own mount namespace (a container): its files are read through /proc/PID/root and reported
+    as not comparable from the node, never hashed from the node's own file system."""
+    import shutil
+    import subprocess
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare(1) is not installed")
+    from dynsnap_core.compat import compare as chk
+    from dynsnap_core.compat import facts
+    p = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sleep", "60"],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        end = time.monotonic() + 10
+        while os.path.exists(f"/proc/{p.pid}") and os.readlink(f"/proc/{p.pid}/exe").endswith("unshare"):
+            assert time.monotonic() < end
+            time.sleep(0.01)
+        assert not facts.same_mount_namespace(p.pid)
+        rows = facts.tree_files([p.pid])
+        exe = os.readlink(f"/proc/{p.pid}/exe")
+        assert {r["path"]: r.get("namespace") for r in rows}[exe] == "worker"
+        fact = chk._files({"files": rows})
+        assert fact.status == "unknown" and fact.detail.startswith(f"{len(rows)} files are inside the worker's own")
+        assert {r.get("namespace") for r in facts.tree_paths([p.pid])} == {"worker"}
+    finally:
+        p.kill()
+        p.wait()

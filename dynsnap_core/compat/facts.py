@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 __all__ = ["COMPAT_VERSION", "ISA_FLAG", "kernel", "cpu", "memory", "gpu", "nvml_gpus", "tree_files", "hash_file",
-           "save_hash_cache", "collect"]
+           "save_hash_cache", "same_mount_namespace", "tree_paths", "collect"]
 
 #: Version of the ``compat`` section of the manifest (absent in snapshots taken before it existed).
 COMPAT_VERSION = 1
@@ -230,33 +230,86 @@ def _mapped_files(pid: int) -> tuple[Optional[str], list[str]]:
     return exe, files
 
 
+def same_mount_namespace(pid: int) -> bool:
+    """True when ``pid`` sees the same file system as this process (not a container with its own root)."""
+    try:
+        return os.readlink(f"/proc/{pid}/ns/mnt") == os.readlink("/proc/self/ns/mnt")
+    except OSError:
+        return True
+
+
 def tree_files(pids: Iterable[int]) -> list[dict]:
     """The executables and libraries mapped by a process tree, each with size and xxh3 (sorted by path).
 
     These are not in the image: CRIU maps them again from the restoring node's file system, and refuses (or
-    worse, maps different code) when they differ.
+    worse, maps different code) when they differ. Files of a process in another mount namespace (a container)
+    are read through /proc/PID/root and marked ``"namespace": "worker"``: they are the container's, not the node's.
     """
     import concurrent.futures as cf
     kinds: dict[str, str] = {}
+    where: dict[str, Optional[int]] = {}
     for pid in pids:
         exe, mapped = _mapped_files(pid)
+        inside = None if same_mount_namespace(pid) else pid
         for f in mapped:
             kinds.setdefault(f, "mapped")
+            where.setdefault(f, inside)
         if exe is not None:
             kinds[exe] = "executable"
+            where.setdefault(exe, inside)
 
     def one(path: str) -> Optional[dict]:
+        via = path if where[path] is None else f"/proc/{where[path]}/root{path}"
         try:
-            with open(path, "rb"):
+            with open(via, "rb"):
                 pass
-            size, xxh3 = hash_file(path)
+            size, xxh3 = hash_file(via)
         except OSError:
             return None            # unreadable or gone: CRIU keeps its own record; nothing to compare
-        return {"path": path, "kind": kinds[path], "size": size, "xxh3": xxh3}
+        row = {"path": path, "kind": kinds[path], "size": size, "xxh3": xxh3}
+        if where[path] is not None:
+            row["namespace"] = "worker"
+        return row
     with cf.ThreadPoolExecutor(max_workers=4) as pool:
         rows = [r for r in pool.map(one, sorted(kinds)) if r is not None]
     save_hash_cache()
     return rows
+
+
+_SKIP_PATHS = ("/dev/", "/proc/", "/sys/", "/memfd:")
+
+
+def tree_paths(pids: Iterable[int]) -> list[dict]:
+    """Paths a process tree holds open that CRIU opens again at restore: regular files, directories and each
+    process's working directory (deleted files are in the image; devices, /proc and /sys are not paths to
+    check). Paths in another mount namespace are marked ``"namespace": "worker"``."""
+    import stat as st_
+    out: dict[str, dict] = {}
+    for pid in pids:
+        ns = {} if same_mount_namespace(pid) else {"namespace": "worker"}
+        links = [("cwd", f"/proc/{pid}/cwd")]
+        try:
+            links += [("fd", f"/proc/{pid}/fd/{n}") for n in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:
+            pass
+        for what, link in links:
+            try:
+                target = os.readlink(link)
+                mode = os.stat(link).st_mode
+            except OSError:
+                continue
+            if not target.startswith("/") or target.endswith(" (deleted)") or target.startswith(_SKIP_PATHS):
+                continue
+            if what == "cwd":
+                kind = "working directory"
+            elif st_.S_ISREG(mode):
+                kind = "open file"
+            elif st_.S_ISDIR(mode):
+                kind = "open directory"
+            else:
+                continue
+            out.setdefault(target, {"path": target, "kind": kind, **ns})
+    return [out[k] for k in sorted(out)]
 
 
 def collect(pids: list[int], *, host_rss: int = 0) -> dict:
@@ -270,4 +323,5 @@ def collect(pids: list[int], *, host_rss: int = 0) -> dict:
         "cpu": cpu(),
         "memory": {"host_total": memory()["total"], "host_needed": host_rss},
         "files": tree_files(pids),
+        "paths": tree_paths(pids),
     }

@@ -220,6 +220,11 @@ def _files(compat: Optional[dict]) -> Fact:
     rows = (compat or {}).get("files")
     if rows is None:
         return Fact("executable and libraries", UNKNOWN, f"the worker's files {NOT_RECORDED}")
+    inside = [r for r in rows if r.get("namespace") == "worker"]
+    rows = [r for r in rows if r.get("namespace") != "worker"]
+    if inside and not rows:
+        return Fact("executable and libraries", UNKNOWN, f"{len(inside)} files are inside the worker's own mount "
+                    "namespace (its container image): they cannot be compared from the node")
     bad = []
     for r in rows:
         path = r["path"]
@@ -245,6 +250,21 @@ def _files(compat: Optional[dict]) -> Fact:
                     "different code", "install the same versions of the worker's executable and libraries "
                     "(the same container image) on this node")
     return Fact("executable and libraries", OK, f"{len(rows)} files match in size and xxh3")
+
+
+def _paths(compat: Optional[dict]) -> Fact:
+    rows = (compat or {}).get("paths")
+    if rows is None:
+        return Fact("open files and directories", UNKNOWN, f"the paths the worker held open {NOT_RECORDED}")
+    rows = [r for r in rows if r.get("namespace") != "worker"]
+    missing = [r for r in rows if not os.path.lexists(r["path"])]
+    if missing:
+        r = missing[0]
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        what = "as its working directory" if r["kind"] == "working directory" else f"open ({r['kind']})"
+        return Fact("open files and directories", REFUSE, f"{r['path']} is missing; the worker had it {what}{more}",
+                    "provide the same paths on this node (the same volumes mounted at the same places)")
+    return Fact("open files and directories", OK, f"{len(rows)} paths present")
 
 
 def _images(path: Path, m: dict) -> Fact:
@@ -297,7 +317,7 @@ def check(snapshot: Any, *, images: bool = True) -> Report:
     out += _kernel(m, compat)
     out += [_criu(m), _cpu(compat), _host_memory(m)]
     out += _gpu(m, compat)
-    out += [_files(compat), _pids(m)]
+    out += [_files(compat), _paths(compat), _pids(m)]
     return Report(str(snap.path), out)
 
 
