@@ -6,7 +6,6 @@ import os
 import shutil
 import signal
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -125,6 +124,9 @@ def test_agent_uploads_then_restores_from_the_bucket(s3, agents, workload, tmp_p
     # the node loses its copy; the bucket still has it
     assert a.client.delete("/v1/snapshots/up1", params={"remote": "false"}).json()["removed"] == ["local"]
     assert [(r["name"], r["location"]) for r in a.client.get("/v1/snapshots").json()] == [("up1", ["remote"])]
+    one = a.client.get("/v1/snapshots/up1").json()
+    assert one["location"] == ["remote"] and one["url"] == f"s3://{BUCKET}/nodes/up1"
+    assert one["manifest"]["root_pid"] == w.pid
     w.reap_original()
     rep = a.client.post("/v1/snapshots/up1/check").json()
     assert rep["ok"] is True, rep
@@ -247,6 +249,8 @@ def test_sigkill_mid_upload(s3, agents, workload, tmp_path, sockdir):
     job = a.client.post("/v1/snapshots", json={"pid": w.pid, "name": "dies", "leave_running": True}).json()
     assert proxy.stalled.wait(120), a.log()
     assert a.client.get(f"/v1/jobs/{job['id']}").json()["phase"] == "upload"
+    r = a.client.delete("/v1/snapshots/dies")
+    assert r.status_code == 409 and r.json()["message"] == "a job is using snapshot dies; delete it when the job is done"
     a.kill(signal.SIGKILL)
     proxy.cut()
     pending = s3.client.list_multipart_uploads(Bucket=BUCKET, Prefix="nodes/dies/").get("Uploads", [])
