@@ -7,7 +7,6 @@ import json
 from typing import Any, Optional
 
 from fastapi import FastAPI, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -159,8 +158,10 @@ def create_app(agent: Agent, *, token: Optional[str] = None, max_body: int = 64 
     def job_response(job, code: int = 202) -> JSONResponse:
         return JSONResponse(job.to_dict(), status_code=code, headers={"Location": f"/v1/jobs/{job.id}"})
 
+    # /healthz and job waits are async: they never take a thread from the pool that blocking requests share,
+    # so a busy agent still answers its liveness probe
     @app.get("/healthz", summary="liveness: the agent answers")
-    def healthz() -> dict:
+    async def healthz() -> dict:
         return {"status": "ok", "version": __version__, "jobs": agent.jobs.counts(), "root": str(agent.root),
                 "storage": agent.remote.url if agent.remote is not None else None}
 
@@ -214,20 +215,19 @@ def create_app(agent: Agent, *, token: Optional[str] = None, max_body: int = 64 
         return job
 
     @app.get("/v1/jobs/{job_id}", summary="a job's state and progress; ?wait=SECONDS waits for it to finish")
-    def get_job(job_id: str, wait: float = 0, events: bool = False) -> dict:
+    async def get_job(job_id: str, wait: float = 0, events: bool = False) -> dict:
         job = _job(job_id)
         wait = max(0.0, min(wait, 600.0))
         if wait:
-            import time
-            end = time.monotonic() + wait
-            sig = agent.jobs.signature(job)
-            while job.state not in ("succeeded", "failed") and time.monotonic() < end:
-                sig = agent.jobs.wait_change(job, sig, min(1.0, end - time.monotonic()))
+            loop = asyncio.get_running_loop()
+            end = loop.time() + wait
+            while job.state not in ("succeeded", "failed") and loop.time() < end:
+                await asyncio.sleep(0.05)
         return job.to_dict(events=events)
 
     @app.get("/v1/jobs/{job_id}/events", summary="live progress: one JSON object per line until the job ends")
     async def job_events(job_id: str) -> StreamingResponse:
-        job = await run_in_threadpool(_job, job_id)
+        job = _job(job_id)
 
         async def stream():
             sent = 0
