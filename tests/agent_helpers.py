@@ -215,3 +215,4 @@ class FaultProxy:
             c.close()
         for t in self._threads:
             t.join(timeout=10)
+        self._threads = []

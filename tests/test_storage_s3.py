@@ -44,6 +44,20 @@ def sockdir():
 
 
 @pytest.fixture
+def proxies():
+    """FaultProxy instances in front of the store; every one is cut (its sockets closed) at the end."""
+    made: list[FaultProxy] = []
+
+    def make(port: int) -> FaultProxy:
+        p = FaultProxy(port)
+        made.append(p)
+        return p
+    yield make
+    for p in made:
+        p.cut()
+
+
+@pytest.fixture
 def agents():
     made: list[AgentProc] = []
     yield made
@@ -195,11 +209,11 @@ def test_store_unreachable_keeps_the_local_snapshot(agents, workload, tmp_path, 
     _no_secret(a)
 
 
-def test_store_fails_mid_upload_and_mid_download(s3, agents, workload, tmp_path, sockdir):
+def test_store_fails_mid_upload_and_mid_download(s3, agents, proxies, workload, tmp_path, sockdir):
     """The connection to the store is cut in the middle of the transfer: a clear error, the local snapshot intact,
     nothing listed in the bucket; a cut download restores nothing and leaves nothing in the cache."""
     home = tmp_path / "home"
-    proxy = FaultProxy(s3.port)
+    proxy = proxies(s3.port)
     a = _start(agents, home, sockdir / "agent.sock", proxy.url)
     w = workload("--mem-mb", "40")
     proxy.stall_after("up", 8 << 20)
@@ -218,7 +232,7 @@ def test_store_fails_mid_upload_and_mid_download(s3, agents, workload, tmp_path,
     a.stop()
 
     # a complete upload, then a download cut half-way
-    proxy2 = FaultProxy(s3.port)
+    proxy2 = proxies(s3.port)
     b = _start(agents, home, sockdir / "agent.sock", proxy2.url)
     b.client.delete("/v1/snapshots/cut", params={"remote": "false"})
     up = b.wait_job(b.client.post("/v1/snapshots", json={"pid": w.pid, "name": "cut2"}).json()["id"])
@@ -238,11 +252,11 @@ def test_store_fails_mid_upload_and_mid_download(s3, agents, workload, tmp_path,
     _no_secret(b)
 
 
-def test_sigkill_mid_upload(s3, agents, workload, tmp_path, sockdir):
+def test_sigkill_mid_upload(s3, agents, proxies, workload, tmp_path, sockdir):
     """The agent dies while uploading: after restart the job is failed, the bucket holds nothing of it (the
     partial objects and pending multipart uploads are removed), the local snapshot is complete, the worker runs."""
     home = tmp_path / "home"
-    proxy = FaultProxy(s3.port)
+    proxy = proxies(s3.port)
     a = _start(agents, home, sockdir / "agent.sock", proxy.url)
     w = workload("--mem-mb", "40")
     proxy.stall_after("up", 12 << 20)
