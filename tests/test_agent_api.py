@@ -65,7 +65,8 @@ def test_socket_is_root_only_and_openapi_lists_every_endpoint(agent, sockdir):
     paths = {(p, m.upper()) for p, ops in doc["paths"].items() for m in ops}
     assert paths >= {("/v1/snapshots", "POST"), ("/v1/snapshots", "GET"), ("/v1/snapshots/{name}", "GET"),
                      ("/v1/snapshots/{name}", "DELETE"), ("/v1/snapshots/{name}/restore", "POST"),
-                     ("/v1/snapshots/{name}/check", "POST"), ("/v1/jobs/{job_id}", "GET"),
+                     ("/v1/snapshots/{name}/check", "POST"), ("/v1/snapshots/{name}/upload", "POST"),
+                     ("/v1/jobs/{job_id}", "GET"),
                      ("/v1/jobs/{job_id}/events", "GET"), ("/healthz", "GET"), ("/metrics", "GET")}
     h = a.client.get("/healthz").json()
     assert h["status"] == "ok" and h["root"] == str(a.home / "snapshots")

@@ -231,10 +231,15 @@ def test_store_fails_mid_upload_and_mid_download(s3, agents, proxies, workload, 
     assert w.request()["all_ok"]
     a.stop()
 
-    # a complete upload, then a download cut half-way
+    # the store is back: the kept local snapshot is uploaded again, then a download is cut half-way
     proxy2 = proxies(s3.port)
     b = _start(agents, home, sockdir / "agent.sock", proxy2.url)
-    b.client.delete("/v1/snapshots/cut", params={"remote": "false"})
+    up = b.wait_job(b.client.post("/v1/snapshots/cut/upload").json()["id"])
+    assert up["state"] == "succeeded" and up["result"]["url"] == f"s3://{BUCKET}/nodes/cut", up
+    r = b.client.post("/v1/snapshots/cut/upload")
+    assert r.status_code == 409 and r.json()["message"] == f"s3://{BUCKET}/nodes/cut already holds a complete snapshot"
+    r = b.client.post("/v1/snapshots/nothing/upload")
+    assert r.status_code == 404 and r.json()["message"] == "no snapshot nothing on this node"
     up = b.wait_job(b.client.post("/v1/snapshots", json={"pid": w.pid, "name": "cut2"}).json()["id"])
     assert up["state"] == "succeeded", up
     b.client.delete("/v1/snapshots/cut2", params={"remote": "false"})

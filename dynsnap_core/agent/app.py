@@ -199,6 +199,12 @@ def create_app(agent: Agent, *, token: Optional[str] = None, max_body: int = 64 
         req = req or RestoreRequest()
         return job_response(agent.restore(name, verify=req.verify, device_map=req.device_map))
 
+    @app.post("/v1/snapshots/{name}/upload", status_code=202,
+              summary="upload a snapshot of this node to object storage (a job; e.g. after a failed upload)")
+    def upload_snapshot(name: str) -> JSONResponse:
+        check_name(name)
+        return job_response(agent.upload(name))
+
     @app.post("/v1/snapshots/{name}/check", summary="can this node restore the snapshot? each fact ok or refused")
     def check_snapshot(name: str) -> dict:
         check_name(name)

@@ -138,6 +138,26 @@ class Agent:
             return res
         return self.jobs.submit("checkpoint", [f"tree:{root_pid}", f"snapshot:{name}"], req, run)
 
+    def upload(self, name: str) -> Job:
+        """Upload a snapshot of this node to the object store (a retry after a failed upload, or an older one)."""
+        from ..snapshot import open_snapshot
+        path = self.local_path(name)
+        if self.remote is None:
+            raise DynsnapError("the agent has no object storage (--storage s3://...)", stage="upload")
+        if not path.is_dir():
+            raise SnapshotNotFound(f"no snapshot {name} on this node", stage="upload")
+        open_snapshot(path)
+        if self.jobs.busy(f"snapshot:{name}"):
+            raise Busy(f"a job is already writing or reading snapshot {name}", stage="upload")
+        if self.remote.exists(name):
+            raise SnapshotExists(f"{self.remote.where(name)} already holds a complete snapshot", stage="upload")
+
+        def run(job: Job) -> dict:
+            self.jobs.progress(job, "upload", 0, 1)
+            up = self.remote.upload(path, name, progress=lambda ph, d, t: self.jobs.progress(job, ph, d, t))
+            return {"name": name, "url": up["url"], "uploaded": True, "uploaded_bytes": up["bytes"]}
+        return self.jobs.submit("upload", [f"snapshot:{name}"], {"name": name}, run)
+
     def list(self, location: str = "all") -> list[dict]:
         """Snapshots on this node and (``location="all"``) in object storage; ``local`` never asks the store."""
         from ..snapshot import list_snapshots
