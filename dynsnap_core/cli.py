@@ -1,4 +1,4 @@
-"""The `dynsnap` command: doctor, checkpoint, restore, check, agent, verify, inspect, list, demo, bench, cuda-checkpoint."""
+"""The `dynsnap` command: doctor, checkpoint, restore, check, push, agent, verify, inspect, list, demo, bench, cuda-checkpoint."""
 from __future__ import annotations
 
 import argparse
@@ -96,7 +96,11 @@ def cmd_restore(a) -> int:
             from .memsvc import restore_with_regions
             r = restore_with_regions(a.dir, service=a.memsvc, store=a.weights_store, **kw)
         else:
-            r = restore(a.dir, **kw)
+            src = a.dir
+            if str(src).startswith("s3://"):
+                from .storage import fetch
+                src = fetch(src, progress=rep.update)
+            r = restore(src, **kw)
     if a.json:
         _emit_json({"pid": r.pid, "snapshot": str(r.snapshot.path), "timings": r.timings, **r.timings})
     else:
@@ -106,7 +110,11 @@ def cmd_restore(a) -> int:
 
 def cmd_check(a) -> int:
     from .compat import check, format_text
-    rep = check(a.snapshot)
+    if a.snapshot.startswith("s3://"):
+        from .storage import remote_snapshot
+        rep = check(remote_snapshot(a.snapshot), images=False)
+    else:
+        rep = check(a.snapshot)
     if a.json:
         _emit_json(rep.to_dict())
     else:
@@ -132,6 +140,20 @@ def cmd_agent(a) -> int:
         cfg.cache = Path(a.cache)
     return serve(Agent(cfg), socket_path=a.socket, listen=a.listen, token_file=a.token_file, max_body=a.max_body,
                  log_level=a.log_level, drain=a.drain)
+
+
+def cmd_push(a) -> int:
+    from .snapshot import open_snapshot
+    from .storage import open_remote
+    snap = open_snapshot(a.snapshot)
+    store = open_remote(a.url)
+    with Reporter(quiet=a.json) as rep:
+        res = store.upload(snap.path, a.name or snap.path.name, progress=rep.update)
+    if a.json:
+        _emit_json(res)
+    else:
+        print(f"uploaded {snap.path} to {res['url']} ({_human(res['bytes'])})")
+    return 0
 
 
 def cmd_verify(a) -> int:
@@ -287,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_checkpoint)
 
-    s = sub.add_parser("restore", help="verify a snapshot and restore its processes (detached)")
+    s = sub.add_parser("restore", help="verify a snapshot and restore its processes (detached); an "
+                                       "s3://BUCKET/PREFIX/NAME is checked, downloaded into the node cache, then restored")
     s.add_argument("dir")
     s.add_argument("--no-verify", action="store_true", help="skip checksum verification")
     s.add_argument("--device-map", help="GPU remap OLD_UUID=NEW_UUID,...")
@@ -301,6 +324,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("snapshot", metavar="SNAPSHOT")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_check)
+
+    s = sub.add_parser("push", help="upload a snapshot to S3-compatible object storage (per-part checksums, a "
+                                    "COMPLETE marker last); `restore s3://BUCKET/PREFIX/NAME` brings it back")
+    s.add_argument("snapshot", metavar="SNAPSHOT")
+    s.add_argument("url", metavar="s3://BUCKET[/PREFIX]")
+    s.add_argument("--name", help="name in the bucket (default: the snapshot directory's name)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_push)
 
     s = sub.add_parser("agent", help="node agent: HTTP API on a root-only Unix socket (or TCP with a bearer token)")
     s.add_argument("--socket", help="Unix socket (default /run/dynsnap/agent.sock; also served with --listen "

@@ -286,3 +286,32 @@ def test_sigkill_mid_upload(s3, agents, proxies, workload, tmp_path, sockdir):
     import dynsnap_core as ds
     assert ds.open_snapshot(home / "snapshots" / "dies").verify() > 0
     assert w.request()["all_ok"]
+
+
+def test_cli_push_check_and_restore_from_the_bucket(s3, workload, tmp_path, home):
+    """`dynsnap push`, `dynsnap check s3://...` and `dynsnap restore s3://...` (download into the node cache)."""
+    from helpers import cli
+    env = {"DYNSNAP_S3_ENDPOINT": s3.url}
+    w = workload("--mem-mb", "8")
+    before = w.request()
+    out = tmp_path / "snap"
+    assert cli("checkpoint", "--pid", w.pid, "--out", out).returncode == 0
+    w.reap_original()
+    r = cli("push", out, f"s3://{BUCKET}/cli", "--name", "w1", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["url"] == f"s3://{BUCKET}/cli/w1"
+    r = cli("push", out, f"s3://{BUCKET}/cli", "--name", "w1", env=env)
+    assert r.returncode == 1 and r.stderr.strip() == (f"dynsnap push: s3://{BUCKET}/cli/w1 already holds a complete "
+                                                      "snapshot")
+    r = cli("check", f"s3://{BUCKET}/cli/w1", "--json", env=env)
+    assert r.returncode == 0, r.stdout
+    r = cli("restore", f"s3://{BUCKET}/cli/nope", env=env)
+    assert r.returncode == 1 and r.stderr.strip() == f"dynsnap restore: no complete snapshot s3://{BUCKET}/cli/nope"
+    r = cli("restore", "s3://bucket-only", env=env)
+    assert r.returncode == 1 and "does not name a snapshot: use s3://BUCKET[/PREFIX]/NAME" in r.stderr
+    r = cli("restore", f"s3://{BUCKET}/cli/w1", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["pid"] == w.pid and res["snapshot"] == str(home / "cache" / "snapshots" / "w1")
+    assert w.request()["counter"] == before["counter"] + 1
+    assert SECRET not in r.stdout + r.stderr
