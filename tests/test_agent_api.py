@@ -110,6 +110,7 @@ def test_snapshot_list_check_stream_metrics_delete(agent, workload):
     assert metric(text, "dynsnap_jobs_finished_total", operation="checkpoint", state="succeeded") == 1
     assert metric(text, "dynsnap_jobs", state="succeeded") == 1
 
+    assert f"job {job['id']} checkpoint w1: succeeded in " in a.log()
     r = a.client.delete("/v1/snapshots/w1")
     assert r.status_code == 200 and r.json() == {"name": "w1", "removed": ["local"]}
     assert a.client.get("/v1/snapshots").json() == []
@@ -301,6 +302,19 @@ def test_job_manager_keys(tmp_path):
     while c.state != "succeeded":
         sig = jm.wait_change(c, sig, 10)
     assert c.started >= a.finished and c.result == {"ok": 3}
+    # the queue of waiting jobs is bounded: past max_pending, submit refuses at once
+    from dynsnap_core.agent.jobs import TooManyJobs
+    jm.max_pending = 2
+    gate2 = threading.Event()
+    held = jm.submit("t", ["tree:5"], {}, lambda job: gate2.wait(60) and {})
+    waiting = [jm.submit("t", ["tree:5"], {}, lambda job: {}) for _ in range(2)]
+    with pytest.raises(TooManyJobs, match="^2 jobs are already waiting; try again when some have finished$"):
+        jm.submit("t", ["tree:6"], {}, lambda job: {})
+    gate2.set()
+    for j in [held, *waiting]:
+        sig = jm.signature(j)
+        while j.state not in ("succeeded", "failed"):
+            sig = jm.wait_change(j, sig, 10)
     # a restarted manager reports what an earlier one left unfinished as failed: rewrite a finished job's file
     # as an agent killed during its persist phase would have left it
     jm.close(timeout=30)

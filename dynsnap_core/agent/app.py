@@ -16,11 +16,12 @@ from .. import __version__
 from ..errors import (DynsnapError, IncompatibleSnapshot, InvalidTarget, PermissionDenied, ProcessNotFound,
                       SnapshotCorrupt, SnapshotExists, SnapshotNotFound, StorageError)
 from ..storage import check_name
+from .jobs import TooManyJobs
 from .service import Agent, Busy
 
 __all__ = ["create_app"]
 
-STATUS = [(SnapshotNotFound, 404), (ProcessNotFound, 404), (SnapshotExists, 409), (Busy, 409),
+STATUS = [(TooManyJobs, 429), (SnapshotNotFound, 404), (ProcessNotFound, 404), (SnapshotExists, 409), (Busy, 409),
           (IncompatibleSnapshot, 409), (PermissionDenied, 403), (SnapshotCorrupt, 422), (InvalidTarget, 400),
           (StorageError, 502)]
 

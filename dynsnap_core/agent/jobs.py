@@ -13,11 +13,15 @@ from typing import Any, Callable, Optional
 
 from ..errors import DynsnapError
 
-__all__ = ["Job", "JobManager", "STATES"]
+__all__ = ["Job", "JobManager", "STATES", "TooManyJobs"]
 
 STATES = ("queued", "running", "succeeded", "failed")
 MAX_EVENTS = 1000
 KEEP = 1000             # finished jobs remembered across restarts
+
+
+class TooManyJobs(DynsnapError):
+    """The queue of waiting jobs is full (the agent stays responsive instead of queueing without bound)."""
 
 
 @dataclass
@@ -57,7 +61,8 @@ class JobManager:
     Every state change is written to ``state_dir/<id>.json`` (temp file + rename), so a restarted agent knows
     which jobs an earlier agent left unfinished and reports them failed."""
 
-    def __init__(self, state_dir: Path, workers: int = 4, on_finish: Optional[Callable[[Job], None]] = None):
+    def __init__(self, state_dir: Path, workers: int = 4, on_finish: Optional[Callable[[Job], None]] = None,
+                 max_pending: int = 256):
         self.dir = Path(state_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o700)
@@ -68,6 +73,7 @@ class JobManager:
         self._busy: set[str] = set()
         self._running = 0
         self._on_finish = on_finish
+        self.max_pending = max_pending
         self._closed = False
         self.interrupted = self._load()
 
@@ -116,6 +122,9 @@ class JobManager:
         with self._cv:
             if self._closed:
                 raise DynsnapError("the agent is shutting down", stage="agent")
+            if len(self._pending) >= self.max_pending:
+                raise TooManyJobs(f"{len(self._pending)} jobs are already waiting; try again when some have "
+                                  "finished", stage="agent")
             self._jobs[job.id] = job
             job.events.append({"t": job.created, "state": "queued"})
             self._save(job)

@@ -17,6 +17,14 @@ __all__ = ["AgentConfig", "Agent", "Busy", "DEFAULT_SOCKET"]
 DEFAULT_SOCKET = "/run/dynsnap/agent.sock"
 
 
+def _log(line: str) -> None:
+    """One line on the agent's stderr (kubectl logs): what each job did; never a credential or token."""
+    import sys
+    import time
+    sys.stderr.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} dynsnap agent: {line}\n")
+    sys.stderr.flush()
+
+
 class Busy(DynsnapError):
     """A job holds the snapshot or tree the request names."""
 
@@ -73,6 +81,12 @@ class Agent:
         return out
 
     def _finished(self, job: Job) -> None:
+        took = (job.finished or 0) - (job.started or job.finished or 0)
+        what = f"job {job.id} {job.kind} {job.request.get('name', '')}".rstrip()
+        if job.error:
+            _log(f"{what}: failed in {took:.2f} s at {job.error.get('stage')}: {job.error.get('message')}")
+        else:
+            _log(f"{what}: succeeded in {took:.2f} s")
         self.metrics.jobs.labels(job.kind, job.state).inc()
         if job.error:
             self.metrics.failures.labels(job.kind, str(job.error.get("stage") or "unknown")).inc()
