@@ -326,7 +326,9 @@ def test_job_manager_keys(tmp_path):
     lost = {j.id: j for j in again.interrupted}
     assert list(lost) == [b.id] and lost[b.id].state == "failed"
     assert lost[b.id].error == {"error": "AgentRestarted", "stage": "persist", "message": "the agent stopped while "
-                                "this job was running (during persist); nothing it started was kept"}
+                                "this job was running (during persist)"}
+    again.amend(lost[b.id], "said more")
+    assert json.loads(path.read_text())["error"]["message"] == "said more"
     assert again.get(a.id).state == "succeeded" and again.get(c.id).result == {"ok": 3}
     assert json.loads(path.read_text())["state"] == "failed"
 

@@ -277,8 +277,9 @@ def test_sigkill_mid_upload(s3, agents, proxies, workload, tmp_path, sockdir):
     b = _start(agents, home, sockdir / "agent.sock", s3.url)
     j = b.client.get(f"/v1/jobs/{job['id']}").json()
     assert j["state"] == "failed" and j["error"]["error"] == "AgentRestarted"
-    assert j["error"]["message"] == ("the agent stopped while this job was running (during upload); nothing it "
-                                     "started was kept")
+    assert j["error"]["message"] == ("the agent stopped while this job was running (during upload); the snapshot "
+                                     "dies was committed on this node before that and is complete (not uploaded: "
+                                     "POST /v1/snapshots/dies/upload)")
     assert _keys(s3, "nodes/dies/") == []
     assert s3.client.list_multipart_uploads(Bucket=BUCKET, Prefix="nodes/dies/").get("Uploads", []) == []
     rows = b.client.get("/v1/snapshots").json()
@@ -286,6 +287,10 @@ def test_sigkill_mid_upload(s3, agents, proxies, workload, tmp_path, sockdir):
     import dynsnap_core as ds
     assert ds.open_snapshot(home / "snapshots" / "dies").verify() > 0
     assert w.request()["all_ok"]
+    # as the message says: the kept snapshot uploads again
+    up = b.wait_job(b.client.post("/v1/snapshots/dies/upload").json()["id"])
+    assert up["state"] == "succeeded", up
+    assert [(r["name"], r["location"]) for r in b.client.get("/v1/snapshots").json()] == [("dies", ["local", "remote"])]
 
 
 def test_cli_push_check_and_restore_from_the_bucket(s3, workload, tmp_path, home):

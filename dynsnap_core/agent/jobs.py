@@ -106,7 +106,7 @@ class JobManager:
             if job.state in ("queued", "running"):
                 job.error = {"error": "AgentRestarted", "stage": job.phase or job.state,
                              "message": f"the agent stopped while this job was {job.state} (during "
-                                        f"{job.phase or 'its start'}); nothing it started was kept"}
+                                        f"{job.phase or 'its start'})"}
                 job.state = "failed"
                 job.finished = time.time()
                 job.events.append({"t": job.finished, "state": "failed", "phase": job.phase,
@@ -115,6 +115,15 @@ class JobManager:
                 lost.append(job)
             self._jobs[job.id] = job
         return lost
+
+    def amend(self, job: Job, message: str) -> None:
+        """Replace a finished job's error message (the agent says what an interrupted job left) and save it."""
+        with self._cv:
+            if job.error is not None:
+                job.error["message"] = message
+                if job.events:
+                    job.events[-1]["message"] = message
+                self._save(job)
 
     # public
     def submit(self, kind: str, keys: list[str], request: dict, fn: Callable[[Job], dict]) -> Job:

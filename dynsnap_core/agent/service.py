@@ -64,10 +64,33 @@ class Agent:
         self.metrics = Metrics(self._stored_counts, lambda: self.jobs.counts())
         self.jobs = JobManager(Path(cfg.state_dir or home / "agent" / "jobs"), workers=cfg.workers,
                                on_finish=self._finished)
-        for job in self.jobs.interrupted:       # an earlier agent was killed: its uploads left no marker
-            name = job.request.get("name")
-            if self.remote is not None and job.kind == "checkpoint" and name:
+        for job in self.jobs.interrupted:       # an earlier agent was killed: say what its jobs left
+            self._after_restart(job)
+
+    def _after_restart(self, job: Job) -> None:
+        """An earlier agent died during ``job``: its staging is gone (cleaned above), its partial upload is removed
+        from the bucket, and the job's message says whether a snapshot was committed before the agent died."""
+        from .. import manifest as mf
+        msg = job.error["message"] if job.error else "the agent stopped while this job ran"
+        name = job.request.get("name")
+        kept = ""
+        if job.kind in ("checkpoint", "upload") and name:
+            if self.remote is not None:
                 self.remote.remove_incomplete(name)
+            try:
+                mf.read(self.local_path(name))
+                kept = name
+            except DynsnapError:
+                kept = ""
+        if kept and job.kind == "checkpoint":
+            msg += f"; the snapshot {kept} was committed on this node before that and is complete"
+            if job.request.get("upload"):
+                msg += " (not uploaded: POST /v1/snapshots/" + kept + "/upload)"
+        elif kept:
+            msg += f"; the snapshot {kept} on this node is complete (not uploaded)"
+        else:
+            msg += "; nothing it started was kept"
+        self.jobs.amend(job, msg)
 
     # metrics
     def _stored_counts(self) -> dict:
