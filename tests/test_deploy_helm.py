@@ -217,12 +217,14 @@ def test_schema_rejects_bad_values(values, where):
         helm.Chart.load(str(CHART)).validate_schema(copy.deepcopy(values))
 
 
-def test_lint_is_clean():
-    for values in VALUE_SETS.values():
-        if values.get("agent", {}).get("tcp", {}).get("enabled") or values.get("storage", {}).get("type") == "pvc":
-            continue
-        report = helm.lint(str(CHART), values, strict=True)
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_lint_is_clean(name):
+    """`helm lint --strict` for every value set and each Kubernetes version: no warning, no error."""
+    for version in K8S_VERSIONS:
+        report = helm.lint(str(CHART), VALUE_SETS[name], strict=True, kube_version=f"v{version}")
         assert report["errors"] == [] and [m for m in report["messages"] if m["severity"] >= 2] == [], report
+    bad = helm.lint(str(CHART), {"agent": {"workers": 0}}, strict=True)
+    assert bad["errors"] or any(m["severity"] >= 3 for m in bad["messages"]), "lint can fail"
 
 
 def test_dockerfile_installs_like_setup():
