@@ -237,3 +237,24 @@ def test_dockerfile_installs_like_setup():
     assert "'/src[agent,s3]'" in text
     assert "DYNSNAP_CRIU=/opt/dynsnap/criu/bin/criu" in text and "DYNSNAP_HOME=/var/lib/dynsnap" in text
     assert re.search(r'^CMD \["dynsnap", "agent"\]$', text, re.M)
+
+
+def test_systemd_unit_matches_the_agent():
+    """The systemd unit for nodes without Kubernetes: its command line is one the agent's CLI accepts, with the
+    same socket and storage as the chart's defaults."""
+    import configparser
+    import shlex
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str
+    unit.read(ROOT / "deploy" / "systemd" / "dynsnap-agent.service")
+    argv = shlex.split(unit["Service"]["ExecStart"])
+    assert argv[0] == "/opt/dynsnap/venv/bin/dynsnap"           # where the Dockerfile installs it too
+    from dynsnap_core.agent import DEFAULT_SOCKET
+    from dynsnap_core.cli import build_parser
+    a = build_parser().parse_args(argv[1:])
+    chart = _agent_container(render({}))
+    assert a.cmd == "agent" and a.socket == DEFAULT_SOCKET == _arg(chart["args"], "--socket")
+    assert a.root == _arg(chart["args"], "--root") and a.drain == 300
+    assert unit["Service"]["Environment"] == "DYNSNAP_HOME=/var/lib/dynsnap"
+    assert int(unit["Service"]["TimeoutStopSec"]) > a.drain
+    assert unit["Service"]["RuntimeDirectory"] == Path(DEFAULT_SOCKET).parent.name
