@@ -1,4 +1,4 @@
-"""The `dynsnap` command: doctor, checkpoint, restore, verify, inspect, list, demo, bench, cuda-checkpoint."""
+"""The `dynsnap` command: doctor, checkpoint, restore, check, push, agent, verify, inspect, list, demo, bench, cuda-checkpoint."""
 from __future__ import annotations
 
 import argparse
@@ -96,11 +96,63 @@ def cmd_restore(a) -> int:
             from .memsvc import restore_with_regions
             r = restore_with_regions(a.dir, service=a.memsvc, store=a.weights_store, **kw)
         else:
-            r = restore(a.dir, **kw)
+            src = a.dir
+            if str(src).startswith("s3://"):
+                from .storage import fetch
+                src = fetch(src, progress=rep.update)
+            r = restore(src, **kw)
     if a.json:
         _emit_json({"pid": r.pid, "snapshot": str(r.snapshot.path), "timings": r.timings, **r.timings})
     else:
         print(f"restored pid {r.pid} from {r.snapshot.path}; {_fmt_timings(r.timings)}")
+    return 0
+
+
+def cmd_check(a) -> int:
+    from .compat import check, format_text
+    if a.snapshot.startswith("s3://"):
+        from .storage import remote_snapshot
+        rep = check(remote_snapshot(a.snapshot), images=False)
+    else:
+        rep = check(a.snapshot)
+    if a.json:
+        _emit_json(rep.to_dict())
+    else:
+        print(format_text(rep))
+    return 0 if rep.ok else 1
+
+
+def cmd_agent(a) -> int:
+    try:
+        from .agent import Agent, AgentConfig, probe, serve
+    except ImportError as e:
+        raise DynsnapError(f"the agent needs its extra: pip install 'dynsnap-core[agent]' ({e})",
+                           stage="agent") from None
+    if a.probe:
+        return probe(a.socket)
+    cfg = AgentConfig(storage=a.storage or os.environ.get("DYNSNAP_STORAGE") or None, workers=a.workers,
+                      max_body=a.max_body)
+    if a.root:
+        cfg.root = Path(a.root)
+    if a.cgroup_root:
+        cfg.cgroup_root = Path(a.cgroup_root)
+    if a.cache:
+        cfg.cache = Path(a.cache)
+    return serve(Agent(cfg), socket_path=a.socket, listen=a.listen, token_file=a.token_file, max_body=a.max_body,
+                 log_level=a.log_level, drain=a.drain)
+
+
+def cmd_push(a) -> int:
+    from .snapshot import open_snapshot
+    from .storage import open_remote
+    snap = open_snapshot(a.snapshot)
+    store = open_remote(a.url)
+    with Reporter(quiet=a.json) as rep:
+        res = store.upload(snap.path, a.name or snap.path.name, progress=rep.update)
+    if a.json:
+        _emit_json(res)
+    else:
+        print(f"uploaded {snap.path} to {res['url']} ({_human(res['bytes'])})")
     return 0
 
 
@@ -263,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_checkpoint)
 
-    s = sub.add_parser("restore", help="verify a snapshot and restore its processes (detached)")
+    s = sub.add_parser("restore", help="verify a snapshot and restore its processes (detached); an "
+                                       "s3://BUCKET/PREFIX/NAME is checked, downloaded into the node cache, then restored")
     s.add_argument("dir")
     s.add_argument("--no-verify", action="store_true", help="skip checksum verification")
     s.add_argument("--device-map", help="GPU remap OLD_UUID=NEW_UUID,...")
@@ -271,6 +324,40 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--weights-store", help="weight directory (default: the one recorded in the snapshot)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_restore)
+
+    s = sub.add_parser("check", help="can this node restore SNAPSHOT? kernel, CRIU, CPU, memory, GPU, the worker's "
+                                     "files and pids, each ok or refused with the reason and what to change")
+    s.add_argument("snapshot", metavar="SNAPSHOT")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_check)
+
+    s = sub.add_parser("push", help="upload a snapshot to S3-compatible object storage (per-part checksums, a "
+                                    "COMPLETE marker last); `restore s3://BUCKET/PREFIX/NAME` brings it back")
+    s.add_argument("snapshot", metavar="SNAPSHOT")
+    s.add_argument("url", metavar="s3://BUCKET[/PREFIX]")
+    s.add_argument("--name", help="name in the bucket (default: the snapshot directory's name)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_push)
+
+    s = sub.add_parser("agent", help="node agent: HTTP API on a root-only Unix socket (or TCP with a bearer token)")
+    s.add_argument("--socket", help="Unix socket (default /run/dynsnap/agent.sock; also served with --listen "
+                                    "only when given)")
+    s.add_argument("--listen", metavar="HOST:PORT", help="also serve TCP; needs --token-file")
+    s.add_argument("--token-file", help="file holding the bearer token (mode 600)")
+    s.add_argument("--root", help="snapshot directory (default: $DYNSNAP_HOME/snapshots)")
+    s.add_argument("--storage", help="object storage s3://BUCKET[/PREFIX] (default: $DYNSNAP_STORAGE)")
+    s.add_argument("--cache", help="node cache for downloaded snapshots (default: $DYNSNAP_HOME/cache/snapshots)")
+    s.add_argument("--cgroup-root", help="cgroup file system (default /sys/fs/cgroup)")
+    s.add_argument("--workers", type=int, default=int(os.environ.get("DYNSNAP_AGENT_WORKERS") or 4),
+                   help="jobs running at once (default $DYNSNAP_AGENT_WORKERS or 4)")
+    s.add_argument("--drain", type=float, default=300,
+                   help="on SIGTERM, seconds running jobs get to finish (default 300)")
+    s.add_argument("--max-body", type=int, default=64 << 10, help="largest request body in bytes (default 65536)")
+    s.add_argument("--log-level", default=os.environ.get("DYNSNAP_AGENT_LOG_LEVEL") or "warning",
+                   choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument("--probe", action="store_true", help="ask the agent on --socket for /healthz; exit 0 when it "
+                                                        "answers ok (for liveness probes)")
+    s.set_defaults(fn=cmd_agent)
 
     s = sub.add_parser("verify", help="check a snapshot's manifest and every file's checksum")
     s.add_argument("dir")

@@ -9,7 +9,7 @@ __all__ = [
     "DynsnapError", "PermissionDenied", "ProcessNotFound", "InvalidTarget", "CriuUnavailable",
     "CriuError", "SnapshotExists", "SnapshotCorrupt", "SnapshotNotFound", "StorageError",
     "CudaError", "CudaUnavailable", "CudaNotCudaProcess", "CudaStateError", "CudaTimeout",
-    "CudaDeviceMismatch", "oserror",
+    "CudaDeviceMismatch", "IncompatibleSnapshot", "oserror",
 ]
 
 
@@ -74,6 +74,10 @@ class SnapshotNotFound(DynsnapError):
 
 class SnapshotCorrupt(DynsnapError):
     """A snapshot failed verification (missing or malformed manifest, truncated or altered file)."""
+
+
+class IncompatibleSnapshot(DynsnapError):
+    """The restore-compatibility check refused: this node lacks something the snapshot needs (nothing was touched)."""
 
 
 class StorageError(DynsnapError):

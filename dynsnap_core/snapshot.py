@@ -223,6 +223,16 @@ def _gpu_facts() -> dict:
     return {"driver_version": info.get("driver_version"), "devices": devs}
 
 
+def _compat_gpu(gpu: dict) -> dict:
+    """The GPU part of the manifest's ``compat`` section: devices with MIG mode, and bytes needed per GPU UUID."""
+    need: dict[str, int] = {}
+    for per in (gpu.get("processes") or {}).values():
+        for uuid, n in (per or {}).items():
+            need[uuid] = need.get(uuid, 0) + int(n)
+    devs = [{**d, "mig": " MIG " in f" {d.get('name', '')} "} for d in gpu.get("devices") or []]
+    return {"driver_version": gpu.get("driver_version"), "devices": devs, "memory_needed": need}
+
+
 def checkpoint(pid: int, out: str | os.PathLike | None = None, *, leave_running: bool = False,
                cuda_lock_timeout_ms: int = 10000, progress: Progress = None, engine: str = "auto",
                log: Callable[[str], Any] | None = None, extra_manifest: Optional[dict] = None) -> Snapshot:
@@ -263,6 +273,8 @@ def checkpoint(pid: int, out: str | os.PathLike | None = None, *, leave_running:
     mount_namespace = proc.mount_namespace(pid) == "own"   # ... and a fresh mount namespace with its own /proc
     if log and proc.has_tty(pid):
         log(f"note: pid {pid} has a terminal on its stdio; its snapshot can only be restored from a terminal")
+    from .compat import facts as _facts
+    compat = _facts.collect(pids, host_rss=rss)     # what a restoring node must offer (before anything freezes)
 
     staging = parent / f".{out.name}{STAGING_TAG}{os.getpid()}"
     dump_dir: Optional[Path] = None
@@ -289,6 +301,7 @@ def checkpoint(pid: int, out: str | os.PathLike | None = None, *, leave_running:
                     per = {str(p): cuda.process_gpus(p) for p in cpids}
                     gpu["processes"] = per
                     gpu["memory"] = {p: (None if v is None else sum(v.values())) for p, v in per.items()}
+                    compat["gpu"] = _compat_gpu(gpu)
                     if log:
                         gpu_bytes = sum(v or 0 for v in gpu["memory"].values())
                         log(f"image estimate: host RSS {rss / 2**30:.2f} GiB + GPU {gpu_bytes / 2**30:.2f} GiB "
@@ -344,7 +357,7 @@ def checkpoint(pid: int, out: str | os.PathLike | None = None, *, leave_running:
                 "mount_namespace": mount_namespace, "leave_running": leave_running,
                 "host_rss_bytes": rss, "files": files, "total_bytes": sum(f["size"] for f in files),
                 "io_engine": engine_used, "dump_staging": dump_where, "cuda": gpu or None,
-                "timings": timings,
+                "timings": timings, "compat": compat,
             }
             for key, value in (extra_manifest or {}).items():
                 if key in manifest:
@@ -578,6 +591,8 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
     require_privilege("restore")
     snap = open_snapshot(path)
     m = snap.manifest
+    from .compat import require as _require_compatible
+    _require_compatible(snap)       # every fact the snapshot needs, before anything is touched
     criu = find_criu()
     _check_devices(m)
     mf.check_sizes(snap.path, m)
