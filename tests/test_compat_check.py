@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from dynsnap_core.compat import facts as facts_mod
 from helpers import cli, kill_proc
 
 pytestmark = pytest.mark.criu
@@ -75,8 +76,10 @@ def test_check_records_and_compares(workload, tmp_path, home):
     exe = os.path.realpath(f"/proc/{w.pid}/exe")
     rec = {f["path"]: f for f in c["files"]}
     assert rec[exe]["kind"] == "executable" and rec[exe]["size"] == os.path.getsize(exe)
-    import xxhash
-    assert rec[exe]["xxh3"] == xxhash.xxh3_64_hexdigest(Path(exe).read_bytes())
+    readelf = subprocess.run(["readelf", "-n", exe], capture_output=True, text=True)
+    if readelf.returncode == 0 and "Build ID:" in readelf.stdout:
+        assert rec[exe]["build_id"] == readelf.stdout.split("Build ID:")[1].split()[0]
+    assert all(("build_id" in f) != ("xxh3" in f) or f["size"] > facts_mod.BIG_DATA_FILE for f in c["files"])
     assert any(".so" in p for p in rec), "the libraries the worker mapped are recorded"
 
     # the source still runs: its pid is taken, and that is the one refusal
@@ -158,22 +161,26 @@ def test_refusal_names_reason_and_fix(what, workload, tmp_path, home):
 
 
 def test_changed_executable_is_refused(sleeper, tmp_path, home):
-    """The worker's executable changed on disk (same size, one byte): refused with the file named; put back, ok."""
+    """The worker's executable is another build on disk (same size, its ELF build-id differs): refused with the
+    file named; truncated or missing: refused; put back, ok."""
     p, exe = sleeper
     out = tmp_path / "snap"
     r = cli("checkpoint", "--pid", p.pid, "--out", out)
     assert r.returncode == 0, r.stderr
     p.wait(timeout=30)
     original = exe.read_bytes()
+    bid = facts_mod.elf_build_id(str(exe))
+    assert bid and original.count(bytes.fromhex(bid)) == 1
+    at = original.index(bytes.fromhex(bid))
     data = bytearray(original)
-    data[len(data) // 2] ^= 0xFF
+    data[at] ^= 0xFF                      # what another build of the same size looks like to the loader
     exe.write_bytes(bytes(data))
     r = cli("check", out, "--json")
     f = _facts(r)["executable and libraries"]
     assert r.returncode == 1 and f["status"] == "refuse"
-    assert f["detail"].startswith(f"{exe} differs from the file at checkpoint (xxh3 ")
+    assert f["detail"].startswith(f"{exe} is another build than at checkpoint (ELF build-id ")
     assert f["fix"].startswith("install the same versions of the worker's executable and libraries")
-    assert _one_line(cli("restore", out), "restore").startswith(f"{exe} differs from the file at checkpoint")
+    assert _one_line(cli("restore", out), "restore").startswith(f"{exe} is another build than at checkpoint")
     assert not os.path.exists(f"/proc/{p.pid}")
 
     exe.write_bytes(original[:-1])
@@ -260,28 +267,38 @@ def test_open_file_and_cwd_must_exist(workload, tmp_path, home):
 
 
 def test_paths_in_another_mount_namespace_are_not_compared(tmp_path):
-    """A worker in its own mount namespace (a container): its files are read through /proc/PID/root and reported
-    as not comparable from the node, never hashed from the node's own file system."""
+    """A worker over another root file system (a container; here /usr as root): its files are read through
+    /proc/PID/root and reported as not comparable from the node. A worker in a mount namespace of its own over the
+    node's root (dynsnap run's layout) has node files, compared as usual."""
     import shutil
     import subprocess
     if shutil.which("unshare") is None:
         pytest.skip("unshare(1) is not installed")
     from dynsnap_core.compat import compare as chk
     from dynsnap_core.compat import facts
-    p = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sleep", "60"],
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        end = time.monotonic() + 10
-        while os.path.exists(f"/proc/{p.pid}") and os.readlink(f"/proc/{p.pid}/exe").endswith("unshare"):
-            assert time.monotonic() < end
-            time.sleep(0.01)
-        assert not facts.same_mount_namespace(p.pid)
-        rows = facts.tree_files([p.pid])
-        exe = os.readlink(f"/proc/{p.pid}/exe")
-        assert {r["path"]: r.get("namespace") for r in rows}[exe] == "worker"
-        fact = chk._files({"files": rows})
-        assert fact.status == "unknown" and fact.detail.startswith(f"{len(rows)} files are inside the worker's own")
-        assert {r.get("namespace") for r in facts.tree_paths([p.pid])} == {"worker"}
-    finally:
-        p.kill()
-        p.wait()
+    from dynsnap_core.proc import children
+    for argv, inside in ((["unshare", "--mount", "--fork", "--root=/usr", "/bin/sleep", "60"], True),
+                         (["unshare", "--mount", "--fork", "--propagation", "private", "sleep", "60"], False)):
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            end = time.monotonic() + 10
+            while not children(p.pid) or os.readlink(f"/proc/{children(p.pid)[0]}/exe").endswith("unshare"):
+                assert time.monotonic() < end
+                time.sleep(0.01)
+            [pid] = children(p.pid)
+            assert facts.same_mount_namespace(pid) is not inside
+            rows = facts.tree_files([pid])
+            exe = os.readlink(f"/proc/{pid}/exe")
+            assert {r["path"]: r.get("namespace") for r in rows}[exe] == ("worker" if inside else None)
+            fact = chk._files({"files": rows})
+            if inside:
+                assert fact.status == "unknown" and fact.detail.startswith(f"{len(rows)} files are inside the worker")
+                assert {r.get("namespace") for r in facts.tree_paths([pid])} == {"worker"}
+            else:
+                assert fact.status == "ok", fact
+                assert {r.get("namespace") for r in facts.tree_paths([pid])} == {None}
+        finally:
+            for q in children(p.pid):
+                os.kill(q, signal.SIGKILL)
+            p.kill()
+            p.wait()

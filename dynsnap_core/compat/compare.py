@@ -236,6 +236,14 @@ def _files(compat: Optional[dict]) -> Fact:
         if st.st_size != r["size"]:
             bad.append(f"{path} has {st.st_size} bytes, at checkpoint it had {r['size']}")
             continue
+        if "build_id" in r:
+            got = facts.elf_build_id(path)
+            if got != r["build_id"]:
+                bad.append(f"{path} is another build than at checkpoint (ELF build-id {got}, recorded "
+                           f"{r['build_id']})")
+            continue
+        if "xxh3" not in r:
+            continue                # a large data file: its size is what CRIU checks too
         try:
             _, x = facts.hash_file(path)
         except OSError as e:
@@ -249,7 +257,7 @@ def _files(compat: Optional[dict]) -> Fact:
         return Fact("executable and libraries", REFUSE, f"{bad[0]}{more}; the restored process would map "
                     "different code", "install the same versions of the worker's executable and libraries "
                     "(the same container image) on this node")
-    return Fact("executable and libraries", OK, f"{len(rows)} files match in size and xxh3")
+    return Fact("executable and libraries", OK, f"{len(rows)} files match (size, and ELF build-id or xxh3)")
 
 
 def _paths(compat: Optional[dict]) -> Fact:

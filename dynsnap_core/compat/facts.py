@@ -231,15 +231,66 @@ def _mapped_files(pid: int) -> tuple[Optional[str], list[str]]:
 
 
 def same_mount_namespace(pid: int) -> bool:
-    """True when ``pid`` sees the same file system as this process (not a container with its own root)."""
+    """True when ``pid`` sees the node's file system: the same mount namespace, or one of its own over the same
+    root (``dynsnap run``'s private copy of the node's mounts); False for a container with its own root."""
+    from ..proc import mount_namespace
+    return mount_namespace(pid) != "other-root"
+
+
+BIG_DATA_FILE = 64 << 20        # a mapped non-ELF file above this is compared by size (weights mmaps: GBs)
+
+
+def elf_build_id(path: str) -> Optional[str]:
+    """The GNU build-id of a 64-bit little-endian ELF file (hex), or None (not ELF, none recorded)."""
+    import struct
     try:
-        return os.readlink(f"/proc/{pid}/ns/mnt") == os.readlink("/proc/self/ns/mnt")
-    except OSError:
-        return True
+        with open(path, "rb") as f:
+            head = f.read(64)
+            if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
+                return None
+            phoff, = struct.unpack_from("<Q", head, 0x20)
+            phentsize, phnum = struct.unpack_from("<HH", head, 0x36)
+            if phentsize < 56 or phnum > 4096:
+                return None
+            f.seek(phoff)
+            table = f.read(phentsize * phnum)
+            for i in range(phnum):
+                p_type, = struct.unpack_from("<I", table, i * phentsize)
+                if p_type != 4:                                    # PT_NOTE
+                    continue
+                p_offset, = struct.unpack_from("<Q", table, i * phentsize + 8)
+                p_filesz, = struct.unpack_from("<Q", table, i * phentsize + 32)
+                f.seek(p_offset)
+                notes = f.read(min(p_filesz, 1 << 16))
+                pos = 0
+                while pos + 12 <= len(notes):
+                    namesz, descsz, ntype = struct.unpack_from("<III", notes, pos)
+                    name_at = pos + 12
+                    desc_at = name_at + ((namesz + 3) & ~3)
+                    if ntype == 3 and notes[name_at:name_at + namesz] == b"GNU\0":   # NT_GNU_BUILD_ID
+                        return notes[desc_at:desc_at + descsz].hex() or None
+                    pos = desc_at + ((descsz + 3) & ~3)
+    except (OSError, struct.error):
+        return None
+    return None
+
+
+def file_identity(path: str) -> dict:
+    """What identifies a mapped file's content cheaply: ``size`` always, plus the ELF build-id (what the linker
+    derived from the code; CRIU checks the same), else the xxh3 of a file up to BIG_DATA_FILE, else nothing more
+    (a large data file mapped by the worker, such as a weights file, is compared by size, as CRIU does)."""
+    size = os.stat(path).st_size
+    bid = elf_build_id(path)
+    if bid:
+        return {"size": size, "build_id": bid}
+    if size <= BIG_DATA_FILE:
+        return {"size": size, "xxh3": hash_file(path)[1]}
+    return {"size": size}
 
 
 def tree_files(pids: Iterable[int]) -> list[dict]:
-    """The executables and libraries mapped by a process tree, each with size and xxh3 (sorted by path).
+    """The executables and libraries mapped by a process tree, each with its identity (sorted by path; see
+    :func:`file_identity`: size and ELF build-id, or xxh3 for a small non-ELF file).
 
     These are not in the image: CRIU maps them again from the restoring node's file system, and refuses (or
     worse, maps different code) when they differ. Files of a process in another mount namespace (a container)
@@ -259,14 +310,19 @@ def tree_files(pids: Iterable[int]) -> list[dict]:
             where.setdefault(exe, inside)
 
     def one(path: str) -> Optional[dict]:
-        via = path if where[path] is None else f"/proc/{where[path]}/root{path}"
+        via = path
+        if where[path] is not None:
+            # the kernel prints a path from our root when the file is reachable from it (a container's rootfs
+            # under the node's tree), else from the process's own root
+            inner = f"/proc/{where[path]}/root{path}"
+            via = inner if os.path.exists(inner) else path
         try:
             with open(via, "rb"):
                 pass
-            size, xxh3 = hash_file(via)
+            ident = file_identity(via)
         except OSError:
             return None            # unreadable or gone: CRIU keeps its own record; nothing to compare
-        row = {"path": path, "kind": kinds[path], "size": size, "xxh3": xxh3}
+        row = {"path": path, "kind": kinds[path], **ident}
         if where[path] is not None:
             row["namespace"] = "worker"
         return row
