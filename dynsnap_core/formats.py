@@ -21,7 +21,7 @@ class FileKind:
     what: str
 
 
-SNAPSHOT_MANIFEST = FileKind("snapshot manifest", "SNAPSHOT/manifest.json", "dynsnap-snapshot", 1,
+SNAPSHOT_MANIFEST = FileKind("snapshot manifest", "SNAPSHOT/manifest.json", "dynsnap-snapshot", 2,
                              "dynsnap_core.manifest", "process, versions, files with size + xxh3-64, timings, "
                              "GPU facts; written last, then the staging directory is renamed")
 SNAPSHOT_WEIGHTS = FileKind("regions outside the image", "manifest.json: 'weights'", "dynsnap-weights", 1,

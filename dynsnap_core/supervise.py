@@ -1,0 +1,150 @@
+"""The restore supervisor: runs CRIU as a child subreaper, so that CRIU and the tree it restores die with a failed restore.
+
+dynsnap starts it as ``python -I -S supervise.py --control R --report W -- criu restore ...`` (stdlib only: it
+starts in milliseconds). It makes itself a child subreaper (PR_SET_CHILD_SUBREAPER), so every process CRIU forks
+that loses its parent, above all the restored tree once CRIU exits, becomes its child and stays findable. It
+reports ``exit STATUS`` on the report fd when CRIU ends, then waits on the control fd for one word:
+
+- ``release``: the restore is complete (verified, continued): exit and leave the tree to the system.
+- ``kill``, or end of file (dynsnap died, even by SIGKILL): SIGKILL CRIU and every descendant, reap them, exit.
+
+So no CRIU and no half-restored process outlives a restore that did not complete, whatever ended dynsnap.
+SIGINT and SIGHUP are ignored (a Ctrl-C is dynsnap's to handle); SIGTERM means ``kill``.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import select
+import signal
+import sys
+import time
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def _children() -> list[int]:
+    kids: list[int] = []
+    me = os.getpid()
+    try:
+        tids = os.listdir(f"/proc/{me}/task")
+    except OSError:
+        return kids
+    for tid in tids:
+        try:
+            with open(f"/proc/{me}/task/{tid}/children") as f:
+                kids += [int(x) for x in f.read().split()]
+        except OSError:
+            pass
+    return kids
+
+
+def _descendants() -> list[int]:
+    out, todo = [], _children()
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    todo += [int(x) for x in f.read().split()]
+        except OSError:
+            pass
+    return out
+
+
+def _reap() -> bool:
+    """Reap every exited child; False once no child is left at all."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return False
+        if pid == 0:
+            return True
+
+
+def kill_all(deadline_s: float = 30.0) -> None:
+    """SIGKILL every descendant (orphans come back to us as the subreaper) until none is left."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        for p in _descendants():
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if not _reap():
+            return
+        time.sleep(0.005)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 6 or argv[0] != "--control" or argv[2] != "--report" or argv[4] != "--":
+        sys.stderr.write("usage: supervise.py --control FD --report FD -- CMD [ARG ...]\n")
+        return 2
+    control, report, cmd = int(argv[1]), int(argv[3]), argv[5:]
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        os.write(report, f"error prctl: {os.strerror(ctypes.get_errno())}\n".encode())
+        return 1
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda s, f: stop.append(s))
+    try:
+        child = os.fork()
+    except OSError as e:
+        os.write(report, f"error fork: {e.strerror}\n".encode())
+        return 1
+    if child == 0:
+        try:
+            os.close(control)
+            os.close(report)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGHUP, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.execv(cmd[0], cmd)
+        except OSError as e:
+            os.write(2, f"cannot run {cmd[0]}: {e.strerror}\n".encode())
+        os._exit(127)
+    os.write(report, f"started {child}\n".encode())
+    criu_done = False
+    buf = b""
+    while True:
+        if stop:
+            kill_all()
+            return 0
+        if not criu_done:
+            try:
+                pid, status = os.waitpid(child, os.WNOHANG)
+            except ChildProcessError:
+                pid, status = child, 255 << 8
+            if pid == child:
+                criu_done = True
+                code = os.waitstatus_to_exitcode(status)
+                try:
+                    os.write(report, f"exit {code}\n".encode())
+                except OSError:
+                    pass
+        try:
+            ready, _, _ = select.select([control], [], [], 0.02)
+        except InterruptedError:
+            continue
+        if ready:
+            try:
+                data = os.read(control, 64)
+            except OSError:
+                data = b""
+            if not data:                       # dynsnap is gone without a word: nothing it restored may stay
+                kill_all()
+                return 0
+            buf += data
+            if b"kill" in buf:
+                kill_all()
+                return 0
+            if b"release" in buf:
+                return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
