@@ -144,10 +144,13 @@ def _is_num(v: Any) -> bool:
 
 _HEX16 = frozenset("0123456789abcdef")
 
+
+def _pid_list(v: Any) -> bool:
+    return isinstance(v, list) and 0 < len(v) <= MAX_FILES and all(_is_int(p, 1, PID_MAX) for p in v)
+
 # optional fields dynsnap writes, with what each must be
 _OPTIONAL: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "pids": (lambda v: isinstance(v, list) and 0 < len(v) <= MAX_FILES and all(_is_int(p, 1, PID_MAX) for p in v),
-             "a list of pids"),
+    "pids": (_pid_list, "a list of pids"),
     "cmdline": (lambda v: isinstance(v, list) and all(isinstance(a, str) for a in v), "a list of strings"),
     "comm": (lambda v: isinstance(v, str), "a string"),
     "shell_job": (lambda v: isinstance(v, bool), "true or false"),
@@ -156,8 +159,13 @@ _OPTIONAL: dict[str, tuple[Callable[[Any], bool], str]] = {
     "host_rss_bytes": (_is_int, "a byte count"),
     "created_unix": (_is_num, "a number"),
     "timings": (lambda v: isinstance(v, dict) and all(_is_num(x) for x in v.values()), "an object of numbers"),
-    "cuda": (lambda v: v is None or isinstance(v, dict), "null or an object"),
-    "weights": (lambda v: isinstance(v, dict), "an object"),
+    "cuda": (lambda v: v is None or isinstance(v, dict) and _pid_list(v.get("pids", [1])) and isinstance(
+        v.get("devices", []), list) and all(isinstance(d, dict) for d in v.get("devices", [])),
+        "null or an object with 'pids' (a list of pids) and 'devices' (a list of objects)"),
+    "weights": (lambda v: isinstance(v, dict) and isinstance(v.get("store"), str) and isinstance(
+        v.get("regions"), list) and all(isinstance(r, dict) and isinstance(r.get("name"), str) and isinstance(
+            r.get("digest"), str) and _is_int(r.get("size")) for r in v["regions"]),
+        "an object with 'store' and 'regions' [{name, digest, size}]"),
     **{k: (lambda v: isinstance(v, str), "a string")
        for k in ("dynsnap_version", "criu_version", "kernel", "host", "arch", "io_engine", "dump_staging")},
 }
