@@ -224,7 +224,7 @@ def cmd_weights(a) -> int:
 
 def cmd_memsvc(a) -> int:
     from . import memsvc
-    return memsvc.main(a.socket, threads=a.threads, quiet=a.quiet)
+    return memsvc.main(a.socket, threads=a.threads, quiet=a.quiet, allow=a.allow or (), group=a.group)
 
 
 def _housekeeping() -> None:
@@ -343,6 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("memsvc", help="host memory service: own memfd regions and hand them to workers")
     s.add_argument("--socket", required=True, help="Unix socket path to serve on")
     s.add_argument("--threads", type=int, help="fill threads (default: CPUs, at most 16)")
+    s.add_argument("--allow", action="append", metavar="DIR",
+                   help="a directory the service may load regions from and save to, besides the weight store and "
+                        "the snapshot root (repeatable)")
+    s.add_argument("--group", help="let this group's members use the service (socket 0660); default: root and "
+                                   "the service's user only (socket 0600)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_memsvc)
 
