@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 from typing import Optional
@@ -61,7 +62,7 @@ class Entry:
     def __init__(self, pids: list[int], resume: list[int]):
         self.path: Optional[Path] = None
         self.data = {"owner": _ident(os.getpid()), "pids": [x for x in (_ident(p) for p in pids) if x],
-                     "resume": resume, "cuda": [], "criu": []}
+                     "resume": resume, "cuda": [], "criu": [], "staging": []}
         d = _frozen_dir()
         try:
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -83,6 +84,11 @@ class Entry:
 
     def cuda(self, pids: list[int]) -> None:
         self.data["cuda"] = list(pids)
+        self._update()
+
+    def staging(self, path: Path) -> None:
+        """A staging directory of this checkpoint: removed by ``recover`` if the checkpoint dies."""
+        self.data["staging"].append(str(path))
         self._update()
 
     def criu(self, pid: int) -> None:
@@ -151,6 +157,12 @@ def recover(path: Optional[Path] = None) -> list[int]:
                     done.append(p)
                 except ProcessLookupError:
                     pass
+        for st in data.get("staging") or []:
+            # only dynsnap's own staging names (hidden .NAME.dynsnap-staging.PID or dynsnap-dump-PID.START-*)
+            name = os.path.basename(str(st))
+            if owner and (name.endswith(f".dynsnap-staging.{owner[0]}") or name.startswith(
+                    f"dynsnap-dump-{owner[0]}.")):
+                shutil.rmtree(st, ignore_errors=True)
         if cuda_pids:
             try:
                 from .cuda import CudaTree

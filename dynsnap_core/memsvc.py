@@ -816,9 +816,10 @@ def restore_with_regions(path: str | os.PathLike, *, service: str | os.PathLike,
     from .snapshot import restore
     from .weightdir import WeightDir
     meta = read_regions(path)
-    if meta:
-        wd = WeightDir(store or meta["store"])
-        with Client(service) as c:
+    with Client(service) as c:
+        c.ping()                     # a service that cannot be reached is said before anything is restored
+        if meta:
+            wd = WeightDir(store or meta["store"])
             c.load_many([{"name": r["name"], "path": str(wd.path(r["digest"], r["size"])), "offset": 0,
                           "length": r["size"], "digest": r["digest"]} for r in meta["regions"]])
     return restore(path, **kw)

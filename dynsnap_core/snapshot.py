@@ -434,7 +434,10 @@ def _checkpoint_locked(pid: int, pids: list[int], out: Path, parent: Path, criu,
                     timings.update(cuda_tree.timings)
                     _check_interrupt(sigstate, "gpu checkpoint")
             estimate = rss + sum(v or 0 for v in gpu.get("memory", {}).values())
+            entry.staging(staging)
             dump_root, dump_where = choose_dump_dir(parent, estimate, staging_mode)
+            if dump_where == "tmpfs":
+                entry.staging(dump_root)
             if dump_where == "target":
                 staging.mkdir()
                 dump_dir = staging / "criu"
