@@ -745,8 +745,6 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
             raise DynsnapError(f"pid {p} is held by a zombie that its parent (pid {proc.parent(p)}) has not "
                                "reaped yet; a snapshot restores with its original pids", stage="restore", pid=p)
     log_dir = Path(log_dir) if log_dir else default_home() / "logs"
-    work = _restore_workdir(log_dir)
-    pidfile = work / "pid"
     images = snap.path / "criu"
     staged: Optional[Path] = None
     if verify and prefetch != "tmpfs":
@@ -760,6 +758,13 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
             progress("prefetch to tmpfs" + (" + verify" if verify else ""), 0, 1)
         staged, timings["prefetch"] = _prefetch_tmpfs(snap, engine, verify)
         images = staged / "criu"
+    try:
+        work = _restore_workdir(log_dir)
+    except BaseException:
+        if staged is not None:
+            shutil.rmtree(staged, ignore_errors=True)
+        raise
+    pidfile = work / "pid"
     args = ["restore", "-D", str(images), "-W", str(work), "-d", "--pidfile", str(pidfile),
             "--file-locks"]
     if m.get("shell_job"):
@@ -841,6 +846,8 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
         cancel.set()
         if run is not None:
             run.kill()                  # CRIU and every process it restored: none outlives a failed restore
+        else:
+            shutil.rmtree(work, ignore_errors=True)     # CRIU never ran: no log worth keeping
         raise
     finally:
         cancel.set()
