@@ -39,6 +39,10 @@ class Guardian:
         except OSError:
             self._proc = None          # best effort: without it a SIGKILL of dynsnap leaves the tree stopped
 
+    @property
+    def pid(self) -> Optional[int]:
+        return self._proc.pid if self._proc is not None else None
+
     def cuda(self, cuda_pids: list[int]) -> None:
         self._send(f"cuda {','.join(map(str, cuda_pids))}")
 

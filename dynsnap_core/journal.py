@@ -62,7 +62,7 @@ class Entry:
     def __init__(self, pids: list[int], resume: list[int]):
         self.path: Optional[Path] = None
         self.data = {"owner": _ident(os.getpid()), "pids": [x for x in (_ident(p) for p in pids) if x],
-                     "resume": resume, "cuda": [], "criu": [], "staging": []}
+                     "resume": resume, "cuda": [], "criu": [], "staging": [], "guardian": None}
         d = _frozen_dir()
         try:
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -85,6 +85,12 @@ class Entry:
     def cuda(self, pids: list[int]) -> None:
         self.data["cuda"] = list(pids)
         self._update()
+
+    def guardian(self, pid: Optional[int]) -> None:
+        """The guardian's pid: while it lives, the tree is its to continue."""
+        if pid is not None:
+            self.data["guardian"] = _ident(pid)
+            self._update()
 
     def staging(self, path: Path) -> None:
         """A staging directory of this checkpoint: removed by ``recover`` if the checkpoint dies."""
@@ -147,6 +153,8 @@ def recover(path: Optional[Path] = None) -> list[int]:
             continue                      # its checkpoint is still running
         if any(_same(c) for c in criu):
             continue                      # CRIU still at work: the next command will look again
+        if path is None and data.get("guardian") and _same(data["guardian"]):
+            continue                      # its guardian is alive and will continue the tree itself
         live = [int(r[0]) for r in pids if _same(r)]
         if any(_traced(p) for p in live):
             continue

@@ -400,6 +400,7 @@ def _checkpoint_locked(pid: int, pids: list[int], out: Path, parent: Path, criu,
     resumer: Optional[_Resumer] = None
     entry = Entry(pids, resume)        # on record until the tree's fate is settled (journal.recover)
     guardian = Guardian(resume, journal=entry.path)   # continues the tree if this process is killed while frozen
+    entry.guardian(guardian.pid)
     t_freeze = time.perf_counter()
     cuda_tree = None
     frozen = False
