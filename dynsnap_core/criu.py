@@ -140,9 +140,9 @@ def run_limits(image_bytes: int) -> tuple[float, int]:
     """How long a CRIU restore of ``image_bytes`` may run and how much log it may write before dynsnap kills it.
 
     ``$DYNSNAP_CRIU_TIMEOUT`` (seconds) and ``$DYNSNAP_CRIU_LOG_LIMIT_MB`` override the defaults: 120 s plus 30 s
-    per GiB of image (CRIU restores at >= 1 GB/s on our machines, so this only stops a CRIU that is stuck), and
-    256 MiB of log (a healthy restore logs well under 1 MiB per GiB; a CRIU looping on damaged images logs
-    ~35 MB/s).
+    per GiB of image (a 1 GiB worker restored in 1.4 s on our CPU machine, so this only stops a CRIU that is
+    stuck), and 256 MiB of log (healthy restores of a 64 MiB and a 1 GiB worker logged 48 KiB each there; a CRIU
+    looping on a damaged pagemap logged 149 MB in 4 s).
     """
     from .errors import InvalidArgument
 
@@ -197,13 +197,12 @@ class Supervised:
         """CRIU's exit status once it has ended (the supervisor says so), else None."""
         if self.status is not None:
             return self.status
+        eof = False
         try:
             while True:
                 data = os.read(self._report, 4096)
                 if not data:
-                    if self.status is None:       # the supervisor itself is gone
-                        self._proc.wait()
-                        self.status = 255
+                    eof = True
                     break
                 self._buf += data
         except BlockingIOError:
@@ -216,6 +215,9 @@ class Supervised:
                 self.status = int(rest) if rest.lstrip("-").isdigit() else 255
             elif word == "error":
                 self.status = 255
+        if eof and self.status is None:         # the supervisor itself is gone without a word
+            self._proc.wait()
+            self.status = 255
         return self.status
 
     def log_size(self) -> int:
@@ -260,9 +262,9 @@ class Supervised:
                             log=str(_trim_log(self.log)))
         dt = time.perf_counter() - t0
         if self.status != 0:
+            why = explain_failure(self.stage, self.pid, self.log, self.output())
             self.kill()
-            raise CriuError(explain_failure(self.stage, self.pid, self.log, self.output()), stage=self.stage,
-                            pid=self.pid, log=str(self.log))
+            raise CriuError(why, stage=self.stage, pid=self.pid, log=str(self.log))
         return dt
 
     def _settle(self, word: str) -> None:
@@ -399,6 +401,13 @@ def explain_failure(stage: str, pid: Optional[int], log: Path, output: str = "")
     if errors:
         # The first error is usually the cause; later ones are the unwinding.
         return f"{what} failed: {_clean(errors[0])}"
+    if not errors:
+        try:                     # an empty log on a full file system: CRIU could not even write why it failed
+            st = os.statvfs(log.parent)
+            if st.f_bavail * st.f_frsize < (64 << 10):
+                return f"{what} failed: no space left on device for its log in {log.parent}"
+        except OSError:
+            pass
     tail = [ln for ln in output.strip().splitlines() if ln.strip()]
     if tail:
         return f"{what} failed: {tail[-1].strip()}"
