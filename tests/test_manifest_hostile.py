@@ -250,6 +250,9 @@ def test_hostile_manifest(snap, how):
             data = json.loads((snap / "manifest.json").read_text())
             assert data["format"] == 2
     refused_everywhere(snap, f"{snap / 'manifest.json'} {want}")
+    r = cli("rm", snap)
+    assert fail_line(r, "rm").startswith(f"refusing to remove {snap}: {snap / 'manifest.json'} {want}")
+    assert snap.is_dir()
 
 
 def test_list_survives_one_bad_snapshot(snap, tmp_path):
