@@ -107,13 +107,27 @@ def main(argv: list[str]) -> int:
         except OSError as e:
             os.write(2, f"cannot run {cmd[0]}: {e.strerror}\n".encode())
         os._exit(127)
-    os.write(report, f"started {child}\n".encode())
+    released = False
+    try:
+        released = _serve(child, control, report, stop)
+    finally:
+        if not released:               # whatever went wrong here (dynsnap gone: EPIPE), nothing may outlive us
+            kill_all()
+    return 0
+
+
+def _report(fd: int, line: str) -> None:
+    os.write(fd, line.encode() + b"\n")           # EPIPE once dynsnap is gone: the caller kills everything
+
+
+def _serve(child: int, control: int, report: int, stop: list) -> bool:
+    """Report CRIU's end, obey the control word; True only for ``release``."""
+    _report(report, f"started {child}")
     criu_done = False
     buf = b""
     while True:
         if stop:
-            kill_all()
-            return 0
+            return False
         if not criu_done:
             try:
                 pid, status = os.waitpid(child, os.WNOHANG)
@@ -121,29 +135,20 @@ def main(argv: list[str]) -> int:
                 pid, status = child, 255 << 8
             if pid == child:
                 criu_done = True
-                code = os.waitstatus_to_exitcode(status)
-                try:
-                    os.write(report, f"exit {code}\n".encode())
-                except OSError:
-                    pass
+                _report(report, f"exit {os.waitstatus_to_exitcode(status)}")
         try:
             ready, _, _ = select.select([control], [], [], 0.02)
         except InterruptedError:
             continue
         if ready:
-            try:
-                data = os.read(control, 64)
-            except OSError:
-                data = b""
+            data = os.read(control, 64)
             if not data:                       # dynsnap is gone without a word: nothing it restored may stay
-                kill_all()
-                return 0
+                return False
             buf += data
             if b"kill" in buf:
-                kill_all()
-                return 0
+                return False
             if b"release" in buf:
-                return 0
+                return True
 
 
 if __name__ == "__main__":
