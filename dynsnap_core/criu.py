@@ -120,10 +120,11 @@ class Criu:
         return dt
 
     def start_supervised(self, args: Sequence[str], *, log: Path, stage: str, pid: Optional[int] = None,
-                         inherit_stdin: bool = False) -> "Supervised":
+                         inherit_stdin: bool = False, journal: Optional[Path] = None) -> "Supervised":
         """Start ``criu ARGS -o LOG -v4`` under the restore supervisor (dynsnap_core/supervise.py): CRIU and every
-        process it restores are killed unless ``Supervised.release()`` is called, even if dynsnap is SIGKILLed."""
-        return Supervised(self, args, log=log, stage=stage, pid=pid, inherit_stdin=inherit_stdin)
+        process it restores are killed unless ``Supervised.release()`` is called, even if dynsnap is SIGKILLed.
+        ``journal``: where the supervisor records those processes (see dynsnap_core.journal)."""
+        return Supervised(self, args, log=log, stage=stage, pid=pid, inherit_stdin=inherit_stdin, journal=journal)
 
     def check(self) -> tuple[bool, str]:
         """Run ``criu check``: (ok, what it said)."""
@@ -168,7 +169,7 @@ class Supervised:
     _SCRIPT = str(Path(__file__).with_name("supervise.py"))
 
     def __init__(self, criu: Criu, args: Sequence[str], *, log: Path, stage: str, pid: Optional[int],
-                 inherit_stdin: bool):
+                 inherit_stdin: bool, journal: Optional[Path] = None):
         self.log, self.stage, self.pid = Path(log), stage, pid
         self.status: Optional[int] = None
         self.criu_pid: Optional[int] = None
@@ -177,7 +178,8 @@ class Supervised:
         self._report, report_w = os.pipe()
         os.set_blocking(self._report, False)
         cmd = [sys.executable, "-I", "-S", self._SCRIPT, "--control", str(control_r), "--report", str(report_w),
-               "--", criu.path, *args, "-o", str(log), "-v4"]
+               *(["--journal", str(journal)] if journal is not None else []), "--", criu.path, *args, "-o", str(log),
+               "-v4"]
         try:
             with open(self._out, "wb") as out:
                 self._proc = subprocess.Popen(

@@ -8,6 +8,10 @@ guardian die together (a container or cgroup kill), the entry outlives them both
 nothing traces the tree. Start times guard against reused pids: a process is touched only if it is the one
 recorded. Entries live in ``$DYNSNAP_RUN_DIR`` (default ``/run/dynsnap`` as root), a tmpfs that a reboot clears
 along with the pids it names.
+
+Restores have entries too (``restoring/``): the restore supervisor (dynsnap_core/supervise.py) records every
+process below it while CRIU runs; if dynsnap and the supervisor die together, ``recover()`` kills exactly those
+processes (pid and start time), so nothing half-restored stays. Per-process checkpoint locks live in ``locks/``.
 """
 from __future__ import annotations
 
@@ -15,12 +19,13 @@ import json
 import os
 import shutil
 import signal
+import time
 from pathlib import Path
 from typing import Optional
 
 from . import proc
 
-__all__ = ["run_dir", "Entry", "TreeLock", "recover", "traced_by"]
+__all__ = ["run_dir", "Entry", "TreeLock", "recover", "traced_by", "restore_entry"]
 
 
 def run_dir() -> Path:
@@ -133,6 +138,47 @@ def _traced(pid: int) -> bool:
     return traced_by(pid) != 0
 
 
+def restore_entry() -> Optional[Path]:
+    """Where a restore's supervisor keeps its record (None without a writable run dir)."""
+    d = run_dir() / "restoring"
+    try:
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError:
+        return None
+    me = _ident(os.getpid())
+    return d / f"{os.getpid()}-{me[1] if me else 0}-{time.monotonic_ns()}.json"
+
+
+def _recover_restores() -> list[int]:
+    """Kill what restores left behind when dynsnap and its supervisor died together: exactly the recorded
+    processes (pid and start time), once neither the dynsnap nor the supervisor of the entry is alive."""
+    killed: list[int] = []
+    try:
+        files = sorted((run_dir() / "restoring").glob("*.json"))
+    except OSError:
+        return killed
+    for f in files:
+        try:
+            data = json.loads(f.read_text())
+            owner, sup, procs = data["owner"], data["supervisor"], data["procs"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if _same(owner) or _same(sup):
+            continue                      # still restoring, or its supervisor will clean up itself
+        for rec in procs:
+            if _same(rec):
+                try:
+                    os.kill(int(rec[0]), signal.SIGKILL)
+                    killed.append(int(rec[0]))
+                except (ProcessLookupError, ValueError, TypeError):
+                    pass
+        try:
+            f.unlink()
+        except OSError:
+            pass
+    return killed
+
+
 def recover(path: Optional[Path] = None) -> list[int]:
     """Continue the trees of dead checkpoints (owner gone, no CRIU of theirs alive, nothing tracing them); return
     the pids continued. ``path`` limits it to one entry (the guardian's own)."""
@@ -182,6 +228,7 @@ def recover(path: Optional[Path] = None) -> list[int]:
         except OSError:
             pass
     if path is None:
+        _recover_restores()
         try:
             for lock in (run_dir() / "locks").glob("*.lock"):
                 if not _same(lock.stem.split("-")):      # its process is gone: nobody locks it again

@@ -22,7 +22,7 @@ from . import proc
 from .criu import find_criu, require_privilege, run_limits
 from .durable import fsync_path
 from .guardian import Guardian
-from .journal import Entry, TreeLock, recover, traced_by
+from .journal import Entry, TreeLock, recover, restore_entry, traced_by
 from .errors import (CriuError, CudaDeviceMismatch, CudaUnavailable, DynsnapError, InvalidArgument, InvalidTarget,
                      SnapshotCorrupt,
                      SnapshotExists,
@@ -816,7 +816,8 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
                 progress("criu restore" + (" + verify" if verify else ""), 0, 1)
             # A shell job re-attaches to a terminal: give CRIU ours when we have one.
             run = criu.start_supervised(args, log=work / "restore.log", stage="restore", pid=pid,
-                                        inherit_stdin=bool(m.get("shell_job")) and os.isatty(0))
+                                        inherit_stdin=bool(m.get("shell_job")) and os.isatty(0),
+                                        journal=restore_entry())
             try:
                 timings["criu_restore"] = run.wait(timeout=crit_timeout, log_limit=log_limit, check=check)
             except CriuError:

@@ -340,8 +340,9 @@ def test_checkpoint_kill_campaign(tmp_path, seed, run_dir):
 
 
 def test_restore_kill_campaign(tmp_path, seed, run_dir):
-    """dynsnap restore killed (SIGKILL, SIGTERM, Ctrl-C) at a random moment: either the restore completed (the
-    worker runs, not stopped) or nothing of it is left (no CRIU, no half-restored process)."""
+    """dynsnap restore killed (SIGKILL, alone or with its supervisor and CRIU; SIGTERM; Ctrl-C) at a random moment,
+    then one more dynsnap command: either the restore completed (the worker runs, not stopped) or nothing of it is
+    left (no CRIU, no half-restored process)."""
     rng = random.Random(seed)
     home = tmp_path / "home"
     env = {"DYNSNAP_HOME": str(home)}
@@ -363,15 +364,28 @@ def test_restore_kill_campaign(tmp_path, seed, run_dir):
                              env={**os.environ, **env})
         delay = rng.uniform(0.0, 0.6)
         time.sleep(delay)
-        how = rng.choice(["SIGKILL", "SIGTERM", "SIGINT"])
+        how = rng.choice(["SIGKILL", "SIGKILL+", "SIGTERM", "SIGINT"])
         try:
             if how == "SIGINT":
                 os.killpg(p.pid, signal.SIGINT)
+            elif how == "SIGKILL+":
+                # with its supervisor (and maybe CRIU), as a kill of the whole group does
+                from dynsnap_core.proc import tree
+                below = tree(p.pid)[1:]
+                sup = [x for x in below if b"supervise.py" in _cmdline(x)]
+                crius = [x for x in below if x not in sup and b"criu" in _cmdline(x)]
+                victims = [p.pid, *sup, *(crius if rng.random() < 0.5 else [])]
+                how = f"SIGKILL of {len(victims)} (dynsnap, supervisor{', CRIU' if len(victims) > 2 else ''})"
+                for x in victims:
+                    os.kill(x, signal.SIGSTOP)
+                for x in victims:
+                    os.kill(x, signal.SIGKILL)
             else:
                 p.send_signal(getattr(signal, how))
         except ProcessLookupError:
             pass
         p.wait(timeout=120)
+        cli("list", "--root", tmp_path / "none", env=env)        # the next command: it recovers
         trial = f"seed {seed} trial {i} ({how} after {delay:.2f} s, exit {p.returncode})"
         _wait(lambda: not _procs_naming(str(snap / "criu")), 20)
         if _procs_naming(str(snap / "criu")):

@@ -151,3 +151,42 @@ def test_signal_during_restore_leaves_nothing(sig, snapshot, home):
         assert p.returncode == 1 and lines == [f"dynsnap restore: restore interrupted by {sig.name}; nothing was restored "
                                                "(CRIU and the half-restored processes were killed)"], err
     assert_nothing_left(out, w.pid)
+
+
+@pytest.mark.parametrize("with_criu", [False, True], ids=["dynsnap+supervisor", "dynsnap+supervisor+CRIU"])
+def test_restore_killed_with_its_supervisor(with_criu, snapshot, home, tmp_path, monkeypatch):
+    """dynsnap and its supervisor SIGKILLed together while CRIU loops (a kill of the whole group): the supervisor's
+    journal entry names every process below it, and the next dynsnap command kills exactly those."""
+    monkeypatch.setenv("DYNSNAP_RUN_DIR", str(tmp_path / "run"))
+    from dynsnap_core.proc import tree
+    w, out = snapshot
+    raise_nr_pages(pagemap(out), 0)
+    reseal(out, pagemap(out))
+    p = subprocess.Popen([sys.executable, "-m", "dynsnap_core.cli", "restore", str(out)], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                         env={**os.environ, "DYNSNAP_CRIU_TIMEOUT": "100", "DYNSNAP_CRIU_LOG_LIMIT_MB": "100000"})
+    try:
+        assert wait_until(lambda: not gone(w.pid) and any(
+            log.stat().st_size > 1 << 20 for log in (home / "logs").glob("restore-*/restore.log")), 60)
+        assert wait_until(lambda: any(str(w.pid) in e.read_text() for e in (tmp_path / "run" / "restoring").glob(
+            "*.json")), 10), "the supervisor records the half-restored process"
+        everyone = tree(p.pid)
+        sup = [x for x in everyone if b"supervise.py" in Path(f"/proc/{x}/cmdline").read_bytes()]
+        criu = [x for x in everyone if x not in sup and x != p.pid and x != w.pid and b"criu" in Path(
+            f"/proc/{x}/cmdline").read_bytes()]
+        victims = [p.pid, *sup, *(criu if with_criu else [])]
+        for x in victims:
+            os.kill(x, signal.SIGSTOP)
+        for x in victims:
+            os.kill(x, signal.SIGKILL)
+        p.wait(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    time.sleep(0.3)
+    assert not gone(w.pid), "nobody is left to clean up: the half-restored process is still there"
+    r = cli("list", "--root", tmp_path / "none")
+    assert r.returncode == 0, r.stderr
+    assert_nothing_left(out, w.pid)
+    assert list((tmp_path / "run" / "restoring").glob("*.json")) == []
