@@ -117,6 +117,8 @@ def _mutate(rng: random.Random, snap: Path) -> tuple[str, bool]:
         idx = rng.randrange(min(len(entries), 8))
         off, v, n = entries[idx]
         nv = min(v + rng.choice([1, 1, 2, 16, 1000]), (1 << (7 * n)) - 1)
+        if nv == v:                                # already the largest count of that width: lower it instead
+            nv = v - 1
         from criu_images import _encode
         data[off:off + n] = _encode(nv, n)
         pm.write_bytes(bytes(data))
@@ -143,7 +145,8 @@ def _mutate(rng: random.Random, snap: Path) -> tuple[str, bool]:
         return f"fifo {victim.name}", False
     if kind == "field":
         key = rng.choice(sorted(m))
-        m[key] = rng.choice([None, -1, 2 ** 70, "x", [], {}, [[[]]], True, 1.5])
+        m[key] = rng.choice([v for v in (None, -1, 2 ** 70, "x", [], {}, [[[]]], True, 1.5)
+                             if json.dumps(v) != json.dumps(m[key])])          # a real change, never a no-op
         (snap / "manifest.json").write_text(json.dumps(m))
         return f"field {key} = {m[key]!r}", False
     # unlist-resealed: drop a file's entry (re-sealed): the file becomes an extra file
