@@ -9,7 +9,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .errors import (CriuError, CriuUnavailable, CudaError, DynsnapError, InvalidTarget,  # noqa: F401
+from .errors import (CriuError, CriuUnavailable, CudaError, DynsnapError, InvalidArgument,  # noqa: F401
+                     InvalidTarget,
                      PermissionDenied, ProcessNotFound, SnapshotCorrupt, SnapshotExists, SnapshotNotFound,
                      StorageError)
 from .launch import launch  # noqa: F401
@@ -19,6 +20,6 @@ from .snapshot import (RestoredProcess, Snapshot, checkpoint, list_snapshots, op
 __all__ = [
     "__version__", "launch", "checkpoint", "restore", "remove", "open_snapshot", "list_snapshots", "Snapshot",
     "RestoredProcess",
-    "DynsnapError", "PermissionDenied", "ProcessNotFound", "InvalidTarget", "CriuUnavailable", "CriuError",
+    "DynsnapError", "InvalidArgument", "PermissionDenied", "ProcessNotFound", "InvalidTarget", "CriuUnavailable", "CriuError",
     "SnapshotExists", "SnapshotNotFound", "SnapshotCorrupt", "StorageError", "CudaError",
 ]

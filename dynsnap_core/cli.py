@@ -208,7 +208,7 @@ def cmd_list(a) -> int:
             short = " ".join(os.path.basename(x) if x.startswith("/") else x for x in r["command"].split())
             print(f"{r['name']:<36} {_human(r['bytes']):>10} {age_s:>8}  {'ok':<8} {short[:70]}")
         else:
-            print(f"{r['name']:<36} {'-':>10} {'-':>8}  {'invalid':<8} {r['error'][:80]}")
+            print(f"{r['name']:<36} {'-':>10} {'-':>8}  {'damaged':<8} {r['error'][:160]}")
     return 0
 
 
@@ -282,7 +282,23 @@ def cmd_weights(a) -> int:
 
 def cmd_memsvc(a) -> int:
     from . import memsvc
-    return memsvc.main(a.socket, threads=a.threads, quiet=a.quiet)
+    return memsvc.main(a.socket, threads=a.threads, quiet=a.quiet, allow=a.allow or (), group=a.group)
+
+
+def _housekeeping() -> None:
+    """What every command does first: continue trees that dead checkpoints left frozen (the journal), and remove
+    staging that killed runs left in tmpfs. Quiet (a command's stderr stays its own one line), and never the reason
+    a command fails."""
+    from .criu import has_checkpoint_privilege
+    if not has_checkpoint_privilege():
+        return
+    try:
+        from .journal import recover
+        from .snapshot import clean_stale_staging
+        recover()
+        clean_stale_staging()
+    except (OSError, DynsnapError):
+        pass
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -424,6 +440,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("memsvc", help="host memory service: own memfd regions and hand them to workers")
     s.add_argument("--socket", required=True, help="Unix socket path to serve on")
     s.add_argument("--threads", type=int, help="fill threads (default: CPUs, at most 16)")
+    s.add_argument("--allow", action="append", metavar="DIR",
+                   help="a directory the service may load regions from and save to, besides the weight store and "
+                        "the snapshot root (repeatable)")
+    s.add_argument("--group", help="let this group's members use the service (socket 0660); default: root and "
+                                   "the service's user only (socket 0600)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_memsvc)
 
@@ -441,6 +462,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
     try:
+        _housekeeping()
         return a.fn(a)
     except DynsnapError as e:
         if getattr(a, "json", False):

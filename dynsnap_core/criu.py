@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,8 +13,8 @@ from typing import Callable, Optional, Sequence
 
 from .errors import CriuError, CriuUnavailable, PermissionDenied
 
-__all__ = ["Criu", "find_criu", "MIN_VERSION", "has_checkpoint_privilege", "require_privilege",
-           "PRIVATE_PREFIXES"]
+__all__ = ["Criu", "Supervised", "find_criu", "MIN_VERSION", "has_checkpoint_privilege", "require_privilege",
+           "PRIVATE_PREFIXES", "run_limits"]
 
 MIN_VERSION = (4, 1)
 # Where scripts/setup.sh (through scripts/criu-bundle.sh) installs Debian 13's CRIU when the system's is too old.
@@ -118,6 +119,13 @@ class Criu:
             raise CriuError(explain_failure(stage, pid, log, out), stage=stage, pid=pid, log=str(log))
         return dt
 
+    def start_supervised(self, args: Sequence[str], *, log: Path, stage: str, pid: Optional[int] = None,
+                         inherit_stdin: bool = False, journal: Optional[Path] = None) -> "Supervised":
+        """Start ``criu ARGS -o LOG -v4`` under the restore supervisor (dynsnap_core/supervise.py): CRIU and every
+        process it restores are killed unless ``Supervised.release()`` is called, even if dynsnap is SIGKILLed.
+        ``journal``: where the supervisor records those processes (see dynsnap_core.journal)."""
+        return Supervised(self, args, log=log, stage=stage, pid=pid, inherit_stdin=inherit_stdin, journal=journal)
+
     def check(self) -> tuple[bool, str]:
         """Run ``criu check``: (ok, what it said)."""
         try:
@@ -127,6 +135,185 @@ class Criu:
         text = (p.stdout + p.stderr).strip()
         lines = [ln for ln in text.splitlines() if "kdat cache" not in ln]
         return p.returncode == 0, "\n".join(lines) or "Looks good."
+
+
+def run_limits(image_bytes: int) -> tuple[float, int]:
+    """How long a CRIU restore of ``image_bytes`` may run and how much log it may write before dynsnap kills it.
+
+    ``$DYNSNAP_CRIU_TIMEOUT`` (seconds) and ``$DYNSNAP_CRIU_LOG_LIMIT_MB`` override the defaults: 120 s plus 30 s
+    per GiB of image (a 1 GiB worker restored in 1.4 s on our CPU machine, so this only stops a CRIU that is
+    stuck), and 256 MiB of log (healthy restores of a 64 MiB and a 1 GiB worker logged 48 KiB each there; a CRIU
+    looping on a damaged pagemap logged 149 MB in 4 s).
+    """
+    from .errors import InvalidArgument
+
+    def env_number(name: str, default: float) -> float:
+        raw = os.environ.get(name)
+        if raw is None or raw == "":
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            value = -1.0
+        if not value > 0 or value != value or value == float("inf"):
+            raise InvalidArgument(f"{name}={raw!r} is not a positive number", stage="preflight")
+        return value
+    timeout = env_number("DYNSNAP_CRIU_TIMEOUT", 120.0 + 30.0 * image_bytes / 2**30)
+    log_limit = int(env_number("DYNSNAP_CRIU_LOG_LIMIT_MB", 256.0) * 2**20)
+    return timeout, log_limit
+
+
+class Supervised:
+    """A CRIU run under the supervisor; see ``Criu.start_supervised``. Use ``wait`` then ``release``/``kill``."""
+
+    _SCRIPT = str(Path(__file__).with_name("supervise.py"))
+
+    def __init__(self, criu: Criu, args: Sequence[str], *, log: Path, stage: str, pid: Optional[int],
+                 inherit_stdin: bool, journal: Optional[Path] = None):
+        self.log, self.stage, self.pid = Path(log), stage, pid
+        self.status: Optional[int] = None
+        self.criu_pid: Optional[int] = None
+        self._out = Path(log).with_suffix(".out")
+        control_r, self._control = os.pipe()
+        self._report, report_w = os.pipe()
+        os.set_blocking(self._report, False)
+        cmd = [sys.executable, "-I", "-S", self._SCRIPT, "--control", str(control_r), "--report", str(report_w),
+               *(["--journal", str(journal)] if journal is not None else []), "--", criu.path, *args, "-o", str(log),
+               "-v4"]
+        try:
+            with open(self._out, "wb") as out:
+                self._proc = subprocess.Popen(
+                    cmd, stdin=None if inherit_stdin else subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                    pass_fds=(control_r, report_w), **({} if inherit_stdin else {"process_group": 0}))
+        except OSError as e:
+            for fd in (self._control, self._report):
+                os.close(fd)
+            raise CriuUnavailable(f"cannot run CRIU at {criu.path}: {e.strerror}", stage=stage) from None
+        finally:
+            os.close(control_r)
+            os.close(report_w)
+        self._buf = b""
+        self._settled = False
+
+    def poll(self) -> Optional[int]:
+        """CRIU's exit status once it has ended (the supervisor says so), else None."""
+        if self.status is not None:
+            return self.status
+        eof = False
+        try:
+            while True:
+                data = os.read(self._report, 4096)
+                if not data:
+                    eof = True
+                    break
+                self._buf += data
+        except BlockingIOError:
+            pass
+        for line in self._buf.decode(errors="replace").splitlines():
+            word, _, rest = line.partition(" ")
+            if word == "started" and rest.isdigit():
+                self.criu_pid = int(rest)
+            elif word == "exit":
+                self.status = int(rest) if rest.lstrip("-").isdigit() else 255
+            elif word == "error":
+                self.status = 255
+        if eof and self.status is None:         # the supervisor itself is gone without a word
+            self._proc.wait()
+            self.status = 255
+        return self.status
+
+    def log_size(self) -> int:
+        try:
+            return os.stat(self.log).st_size
+        except OSError:
+            return 0
+
+    def output(self) -> str:
+        try:
+            with open(self._out, "rb") as f:
+                return f.read(65536).decode(errors="replace")
+        except OSError:
+            return ""
+
+    def wait(self, *, timeout: float, log_limit: int, check: Optional[Callable[[], None]] = None,
+             interval: float = 0.02) -> float:
+        """Wait for CRIU to end, calling ``check()`` (which raises to abort) every ``interval``; kill CRIU and
+        all it restored on a time or log-size overrun, a failed check or any exception (KeyboardInterrupt too).
+        Raises CriuError when CRIU failed; returns its run time. The restored tree is kept until release/kill."""
+        t0 = time.perf_counter()
+        end = time.monotonic() + timeout
+        overrun = None
+        try:
+            while self.poll() is None:
+                if check is not None:
+                    check()
+                if self.log_size() > log_limit:
+                    overrun = (f"it wrote more than {log_limit >> 20} MiB of log (it loops, most likely on damaged "
+                               "images)")
+                elif time.monotonic() > end:
+                    overrun = f"it did not finish within {timeout:.0f} s"
+                if overrun:
+                    break
+                time.sleep(interval)
+        except BaseException:
+            self.kill()
+            raise
+        if overrun:
+            self.kill()
+            raise CriuError(f"CRIU {self.stage} was stopped: {overrun}", stage=self.stage, pid=self.pid,
+                            log=str(_trim_log(self.log)))
+        dt = time.perf_counter() - t0
+        if self.status != 0:
+            why = explain_failure(self.stage, self.pid, self.log, self.output())
+            self.kill()
+            raise CriuError(why, stage=self.stage, pid=self.pid, log=str(self.log))
+        return dt
+
+    def _settle(self, word: str) -> None:
+        if self._settled:
+            return
+        self._settled = True
+        try:
+            os.write(self._control, word.encode() + b"\n")
+        except OSError:
+            pass
+        os.close(self._control)
+        try:
+            self._proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:       # never seen; do not leave the supervisor behind
+            self._proc.kill()
+            self._proc.wait()
+        os.close(self._report)
+        try:
+            os.unlink(self._out)
+        except OSError:
+            pass
+
+    def kill(self) -> None:
+        """SIGKILL CRIU and every process it restored; returns once they are all gone."""
+        self._settle("kill")
+
+    def release(self) -> None:
+        """The restore is complete: leave the restored tree to the system."""
+        self._settle("release")
+
+
+def _trim_log(log: Path, keep: int = 1 << 20) -> Path:
+    """Cut a runaway log down to its first and last ``keep`` bytes (the cause is usually near the start)."""
+    try:
+        size = os.stat(log).st_size
+        if size <= 2 * keep:
+            return log
+        with open(log, "r+b") as f:
+            f.seek(size - keep)
+            tail = f.read(keep)
+            f.seek(keep)
+            f.write(b"\n[... dynsnap cut " + str(size - 2 * keep).encode() + b" bytes of a runaway log ...]\n")
+            f.write(tail)
+            f.truncate()
+    except OSError:
+        pass
+    return log
 
 
 def find_criu(required: bool = True) -> Optional[Criu]:
@@ -216,6 +403,13 @@ def explain_failure(stage: str, pid: Optional[int], log: Path, output: str = "")
     if errors:
         # The first error is usually the cause; later ones are the unwinding.
         return f"{what} failed: {_clean(errors[0])}"
+    if not errors:
+        try:                     # an empty log on a full file system: CRIU could not even write why it failed
+            st = os.statvfs(log.parent)
+            if st.f_bavail * st.f_frsize < (64 << 10):
+                return f"{what} failed: no space left on device for its log in {log.parent}"
+        except OSError:
+            pass
     tail = [ln for ln in output.strip().splitlines() if ln.strip()]
     if tail:
         return f"{what} failed: {tail[-1].strip()}"

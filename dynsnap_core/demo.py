@@ -54,7 +54,7 @@ def run(mb: int = 512, keep: bool = False, rep: Reporter | None = None, memsvc: 
         from . import memsvc as ms
         svc_sock = work / "memsvc.sock"
         svc_log = open(work / "memsvc.log", "wb")     # not the worker's log: CRIU checks that file's size
-        svc = ms.spawn(svc_sock, log=svc_log)
+        svc = ms.spawn(svc_sock, log=svc_log, allow=[work])
         svc_log.close()
         cmd += ["--memsvc", str(svc_sock)]
     second_pid = None

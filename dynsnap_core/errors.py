@@ -6,7 +6,7 @@ import os
 from typing import Optional
 
 __all__ = [
-    "DynsnapError", "PermissionDenied", "ProcessNotFound", "InvalidTarget", "CriuUnavailable",
+    "DynsnapError", "InvalidArgument", "PermissionDenied", "ProcessNotFound", "InvalidTarget", "CriuUnavailable",
     "CriuError", "SnapshotExists", "SnapshotCorrupt", "SnapshotNotFound", "StorageError",
     "CudaError", "CudaUnavailable", "CudaNotCudaProcess", "CudaStateError", "CudaTimeout",
     "CudaDeviceMismatch", "IncompatibleSnapshot", "oserror",
@@ -42,6 +42,10 @@ class DynsnapError(Exception):
         return {"error": type(self).__name__, "message": str(self), "stage": self.stage,
                 "pid": self.pid, "path": self.path, "errno": self.errno,
                 "driver_error": self.driver_error, "log": self.log}
+
+
+class InvalidArgument(DynsnapError, ValueError):
+    """A bad argument or setting (wrong type, out of range, unknown name): nothing was touched."""
 
 
 class PermissionDenied(DynsnapError):

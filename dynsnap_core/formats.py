@@ -21,9 +21,10 @@ class FileKind:
     what: str
 
 
-SNAPSHOT_MANIFEST = FileKind("snapshot manifest", "SNAPSHOT/manifest.json", "dynsnap-snapshot", 1,
+SNAPSHOT_MANIFEST = FileKind("snapshot manifest", "SNAPSHOT/manifest.json", "dynsnap-snapshot", 2,
                              "dynsnap_core.manifest", "process, versions, files with size + xxh3-64, timings, "
-                             "GPU facts; written last, then the staging directory is renamed")
+                             "GPU facts, root digest (sha256) over all of it; written last, then the staging "
+                             "directory is renamed")
 SNAPSHOT_WEIGHTS = FileKind("regions outside the image", "manifest.json: 'weights'", "dynsnap-weights", 1,
                             "dynsnap_core.memsvc", "memory-service regions stored by content in a weight dir")
 WEIGHT_SET = FileKind("weight set manifest", "STORE/sets/NAME.json", "dynsnap-weightset", 1,

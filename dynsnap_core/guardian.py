@@ -1,6 +1,7 @@
 """A guardian that puts a frozen source tree back to work if dynsnap itself is killed mid-checkpoint.
 
-`dynsnap checkpoint` starts it (in its own session) before freezing anything and talks to it over a pipe. When
+`dynsnap checkpoint` starts it (in its own session) before freezing anything and talks to it over a pipe; ``--pids``
+are the processes to continue (not those its user had stopped). When
 dynsnap finishes it writes ``done``; if the pipe closes without that line, dynsnap died (SIGKILL, OOM): the
 guardian waits until CRIU has ended (dynsnap names its process before CRIU may start) and no longer traces the
 tree, then continues it and, for CUDA processes, restores and unlocks their GPU state. Run as
@@ -25,15 +26,22 @@ __all__ = ["Guardian"]
 class Guardian:
     """Parent side: start before freezing, ``done()`` when the tree's fate is settled."""
 
-    def __init__(self, pids: list[int]):
+    def __init__(self, pids: list[int], journal: Optional[Path] = None):
         self._proc: Optional[subprocess.Popen] = None
+        cmd = [sys.executable, "-m", "dynsnap_core.guardian", "--pids", ",".join(map(str, pids))]
+        if journal is not None:
+            cmd += ["--journal", str(journal)]
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "dynsnap_core.guardian", "--pids", ",".join(map(str, pids))],
+                cmd,
                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 start_new_session=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
         except OSError:
             self._proc = None          # best effort: without it a SIGKILL of dynsnap leaves the tree stopped
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self._proc.pid if self._proc is not None else None
 
     def cuda(self, cuda_pids: list[int]) -> None:
         self._send(f"cuda {','.join(map(str, cuda_pids))}")
@@ -93,6 +101,7 @@ def _rescue(pids: list[int], cuda_pids: list[int], criu_pids: list[int]) -> None
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pids", required=True)
+    ap.add_argument("--journal", help="the tree's journal entry, removed once the tree runs again")
     a = ap.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -108,6 +117,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         elif line.startswith("criu "):
             criu_pids.append(int(line[5:]))
     _rescue(pids, cuda_pids, criu_pids)
+    if a.journal:
+        try:
+            os.unlink(a.journal)        # settled: the next dynsnap command has nothing to continue
+        except OSError:
+            pass
     return 0
 
 

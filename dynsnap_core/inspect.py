@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import struct
 from pathlib import Path
 
@@ -16,7 +18,7 @@ _CRIU_COMMON = {0x54564319: "IMG_COMMON_MAGIC", 0x55105940: "IMG_SERVICE_MAGIC"}
 
 
 def _criu_image(path: Path) -> dict:
-    head = path.read_bytes()[:8] if path.stat().st_size < 4096 else path.open("rb").read(8)
+    head = mf.read_limited(path, 1 << 60)[:8] if path.stat().st_size < 4096 else _head(path, 8)
     info: dict = {"kind": "criu image", "path": str(path), "size": path.stat().st_size}
     if path.name.startswith("pages-"):
         info["format"] = "raw memory pages (described by the matching pagemap image)"
@@ -31,11 +33,37 @@ def _criu_image(path: Path) -> dict:
     return info
 
 
+def _head(path: Path, n: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    try:
+        return os.pread(fd, n, 0)
+    finally:
+        os.close(fd)
+
+
 def inspect(path: str) -> dict:
+    """Describe a snapshot directory or decode one file; anything unreadable or malformed is SnapshotCorrupt
+    with one sentence (never a hang: FIFOs and devices are refused before they are opened)."""
     from .snapshot import resolve
     p = resolve(path)
     if not p.exists():
         raise SnapshotNotFound(f"no such snapshot or file: {path}", stage="inspect", path=str(path))
+    if not p.is_dir():
+        st = os.stat(p)
+        if not stat.S_ISREG(st.st_mode):
+            raise SnapshotCorrupt(f"{p} is not a regular file: dynsnap inspect decodes snapshots and their files",
+                                  stage="inspect", path=str(p))
+    try:
+        return _inspect(p)
+    except (TypeError, AttributeError, KeyError) as e:
+        raise SnapshotCorrupt(f"{p} is malformed: unexpected structure ({type(e).__name__}: {e})", stage="inspect",
+                              path=str(p)) from None
+    except OSError as e:
+        raise SnapshotCorrupt(f"{p} cannot be read: {e.strerror or e}", stage="inspect", path=str(p),
+                              errno=e.errno) from None
+
+
+def _inspect(p: Path) -> dict:
     if p.is_dir():
         m = mf.read(p)
         by_kind: dict[str, int] = {}
@@ -45,9 +73,13 @@ def inspect(path: str) -> dict:
         return {"kind": "snapshot", "path": str(p), "manifest": m, "bytes_by_kind": by_kind}
     if p.suffix == ".json":
         try:
-            m = json.loads(p.read_text())
+            m = json.loads(mf.read_limited(p))
+        except RecursionError:
+            raise SnapshotCorrupt(f"{p} is malformed: nested too deeply", stage="inspect", path=str(p)) from None
         except ValueError as e:
             raise SnapshotCorrupt(f"{p} is malformed: {e}", stage="inspect", path=str(p)) from None
+        if isinstance(m, dict) and m.get("magic") == mf.MAGIC:
+            mf.validate(m, p)
         k = formats.kind_of_json(m)
         if k is None:
             raise SnapshotCorrupt(f"{p} is not a dynsnap file (no known magic)", stage="inspect", path=str(p))
@@ -66,8 +98,14 @@ def inspect(path: str) -> dict:
         return {"kind": "weight object", "path": str(p), "digest": digest, "size": p.stat().st_size,
                 "size_in_name": int(size) if size.isdigit() else None}
     if p.suffix == ".log":
-        return {"kind": "log", "path": str(p), "size": p.stat().st_size,
-                "tail": p.read_text(errors="replace").splitlines()[-10:]}
+        size = p.stat().st_size
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            tail = os.pread(fd, 65536, max(0, size - 65536))
+        finally:
+            os.close(fd)
+        return {"kind": "log", "path": str(p), "size": size,
+                "tail": tail.decode(errors="replace").splitlines()[-10:]}
     return {"kind": "unknown", "path": str(p), "size": p.stat().st_size}
 
 
@@ -94,7 +132,7 @@ def format_text(info: dict) -> str:
     if m.get("shell_job"):
         restore += "; a shell job: restore from a terminal"
     lines.append(f"restores   {restore}")
-    if m.get("weights"):
+    if m.get("weights"):              # shape checked by manifest.validate
         w = m["weights"]
         lines.append(f"weights    {len(w['regions'])} region(s) outside the image, "
                      f"{sum(r['size'] for r in w['regions'])} bytes in {w['store']}")

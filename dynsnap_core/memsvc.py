@@ -22,8 +22,10 @@ and run the service's memfd restore and CRIU's restore at the same time.
 """
 from __future__ import annotations
 
+import errno
 import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -78,12 +80,57 @@ class _Region:
                 "source": self.source}
 
 
+def _group_id(group: str | int) -> int:
+    import grp
+    if isinstance(group, int) and not isinstance(group, bool):
+        return group
+    if isinstance(group, str) and group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(str(group)).gr_gid
+    except KeyError:
+        raise MemsvcError(f"no group named {group!r}", code="bad_request", stage="bind") from None
+
+
+def _allowed_roots(extra: Iterable[str | os.PathLike]) -> list[str]:
+    """The directories the service may open files in: the weight store, the snapshot root, and ``extra``."""
+    from .snapshot import snapshots_root
+    from .weightdir import default_store
+    roots = [default_store(), snapshots_root(), *extra]
+    return sorted({os.path.realpath(str(r)) for r in roots})
+
+
+def _peer_cred(conn: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process that connected (SO_PEERCRED: set by the kernel, not by the client)."""
+    raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+def _peer_groups(conn: socket.socket, pid: int) -> list[int]:
+    """The peer's supplementary groups (SO_PEERGROUPS, Linux >= 4.13)."""
+    so_peergroups = getattr(socket, "SO_PEERGROUPS", 59)
+    try:
+        raw = conn.getsockopt(socket.SOL_SOCKET, so_peergroups, 4 * 256)
+    except OSError:
+        return []
+    return list(struct.unpack(f"{len(raw) // 4}I", raw[:len(raw) // 4 * 4]))
+
+
+def _nonneg_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 1 << 62
+
+
 class MemoryService:
     """The daemon: regions by name, one thread per connection, loads on their own threads."""
 
     def __init__(self, socket_path: str | os.PathLike, *, threads: Optional[int] = None,
-                 log: Optional[Callable[[str], Any]] = None):
+                 log: Optional[Callable[[str], Any]] = None, allow: Iterable[str | os.PathLike] = (),
+                 group: Optional[str | int] = None):
         self.socket_path = str(socket_path)
+        self.gid = _group_id(group) if group is not None else None
+        self.roots = _allowed_roots(allow)
+        self._sock_id: Optional[tuple[int, int]] = None
         self.threads = threads or memfd.default_threads()
         self.log = log or (lambda s: None)
         self.regions: dict[str, _Region] = {}
@@ -96,16 +143,61 @@ class MemoryService:
 
     # ---- lifecycle ----
     def bind(self) -> None:
-        """Create the listening socket (idempotent)."""
+        """Create the listening socket (idempotent), private by construction: bound inside a fresh 0700 directory,
+        set to 0600 (0660 and the service's group with ``group``) there, then hard-linked into place, which never
+        replaces anything. A stale socket at the path is removed; a live one, or anything that is not a socket, is
+        refused (never unlinked)."""
         if self._sock is not None:
             return
+        import stat
+        import tempfile
+        path = self.socket_path
         try:
-            os.unlink(self.socket_path)
+            st = os.lstat(path)
         except FileNotFoundError:
-            pass
+            st = None
+        if st is not None:
+            if not stat.S_ISSOCK(st.st_mode):
+                raise MemsvcError(f"{path} exists and is not a socket; refusing to replace it (choose another "
+                                  "--socket)", code="exists", stage="bind", path=path)
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                probe.connect(path)
+                live = True
+            except OSError:
+                live = False
+            finally:
+                probe.close()
+            if live:
+                raise MemsvcError(f"another memory service is serving at {path}", code="exists", stage="bind",
+                                  path=path)
+            os.unlink(path)                                   # a stale socket of a dead service
+        parent = os.path.dirname(os.path.abspath(path))
+        tmpdir = tempfile.mkdtemp(prefix=".memsvc-", dir=parent)   # 0700: nobody else can reach what is inside
+        tmp = os.path.join(tmpdir, "s")
         s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        s.bind(self.socket_path)
-        s.listen(64)
+        try:
+            s.bind(tmp)
+            if self.gid is not None:
+                os.chown(tmp, -1, self.gid)
+                os.chmod(tmp, 0o660)
+            else:
+                os.chmod(tmp, 0o600)
+            os.link(tmp, path)                                # EEXIST rather than replacing what appeared
+            st = os.lstat(path)
+            self._sock_id = (st.st_dev, st.st_ino)
+            s.listen(64)
+        except OSError as e:
+            s.close()
+            raise MemsvcError(f"cannot create the memory service socket at {path}: {e.strerror}", code="exists"
+                              if e.errno == errno.EEXIST else "internal", stage="bind", path=path,
+                              errno=e.errno) from None
+        finally:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            os.rmdir(tmpdir)
         self._sock = s
 
     def serve_forever(self) -> None:
@@ -149,8 +241,10 @@ class MemoryService:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-        try:
-            os.unlink(self.socket_path)
+        try:                       # only our own socket: never what someone put at the path meanwhile
+            st = os.lstat(self.socket_path)
+            if self._sock_id == (st.st_dev, st.st_ino):
+                os.unlink(self.socket_path)
         except FileNotFoundError:
             pass
         with self.cond:
@@ -166,27 +260,55 @@ class MemoryService:
             self.cond.notify_all()
 
     # ---- connections ----
+    def _refusal(self, conn: socket.socket) -> Optional[str]:
+        """Why the peer of ``conn`` may not use the service (SO_PEERCRED), or None: root, the service's own user,
+        and with a configured group its members, may; nobody else."""
+        try:
+            pid, uid, gid = _peer_cred(conn)
+        except OSError as e:
+            return f"cannot read the peer's credentials: {e.strerror}"
+        if uid == 0 or uid == os.geteuid():
+            return None
+        if self.gid is not None and (gid == self.gid or self.gid in _peer_groups(conn, pid)):
+            return None
+        return f"uid {uid} (pid {pid}) may not use this memory service"
+
     def _serve_conn(self, conn: socket.socket, cid: int) -> None:
         try:
             while not self._stop.is_set():
                 try:
                     req, fds = memfd.recv_message(conn)
-                except (ConnectionError, OSError, ValueError):
+                except (ConnectionError, OSError):
+                    break
+                except Exception:  # noqa: BLE001 - a malformed frame: answer once, then hang up
+                    try:
+                        memfd.send_message(conn, {"ok": False, "error": "bad_request",
+                                                  "message": "malformed message (not one JSON object in a frame)"})
+                    except OSError:
+                        pass
                     break
                 for fd in fds:        # clients never send fds
                     os.close(fd)
                 out_fds: list[int] = []
                 try:
+                    why = self._refusal(conn)       # every request is checked against the peer's credentials
+                    if why is not None:
+                        self.log(f"memsvc: refused a request: {why}")
+                        raise _Refuse("denied", why)
+                    if not isinstance(req, dict):
+                        raise _Refuse("bad_request", "a request is a JSON object with an 'op'")
                     reply, out_fds = self._handle(req, cid)
                 except _Refuse as r:
                     reply = {"ok": False, "error": r.code, "message": r.message}
+                except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
+                    reply = {"ok": False, "error": "bad_request", "message": f"malformed request: {e}"}
                 except Exception as e:  # noqa: BLE001 - one bad request must not kill the service
                     reply = {"ok": False, "error": "internal", "message": f"{type(e).__name__}: {e}"}
                 try:
                     memfd.send_message(conn, reply, out_fds)
                 except OSError:
                     break
-                if req.get("op") == "shutdown":
+                if isinstance(req, dict) and req.get("op") == "shutdown" and reply.get("ok"):
                     self.stop()
                     break
         finally:
@@ -200,6 +322,18 @@ class MemoryService:
                         self._forget(r)
                 self.cond.notify_all()
             conn.close()
+
+    def _allowed(self, path: Any, what: str) -> str:
+        """``path`` resolved, if it lies under one of the service's roots (the weight store, the snapshot root,
+        ``--allow`` directories); else the refusal."""
+        if not isinstance(path, str) or not path or "\0" in path:
+            raise _Refuse("bad_request", f"{what} must be a path")
+        real = os.path.realpath(path)
+        for root in self.roots:
+            if real == root or real.startswith(root.rstrip("/") + "/"):
+                return real
+        raise _Refuse("denied", f"{what} {path} is outside the directories this service may open "
+                                f"({', '.join(self.roots)}); start it with --allow DIR")
 
     def _forget(self, r: _Region) -> None:
         if r.mfd is not None:
@@ -215,6 +349,8 @@ class MemoryService:
 
     @staticmethod
     def _need(req: dict, key: str, kind: type) -> Any:
+        if not isinstance(req, dict):
+            raise _Refuse("bad_request", "each region is a JSON object")
         v = req.get(key)
         if not isinstance(v, kind) or isinstance(v, bool) and kind is int:
             raise _Refuse("bad_request", f"request {req.get('op')!r} needs {key!r} ({kind.__name__})")
@@ -244,8 +380,20 @@ class MemoryService:
         with self.cond:
             for s in specs:
                 name = self._need(s, "name", str)
-                path = self._need(s, "path", str)
+                raw_path = self._need(s, "path", str)
                 digest = s.get("digest")
+                offset, length = s.get("offset") or 0, s.get("length")
+                if not _nonneg_int(offset) or not (length is None or _nonneg_int(length)) or not (
+                        digest is None or isinstance(digest, str)):
+                    raise _Refuse("bad_request", f"region {name!r}: offset and length are byte counts, digest a "
+                                                 "string")
+                path = self._allowed(raw_path, "region file")
+                import stat as _stat
+                try:
+                    if not _stat.S_ISREG(os.stat(path).st_mode):
+                        raise _Refuse("bad_request", f"region file {path} is not a regular file")
+                except OSError as e:
+                    raise _Refuse("not_found", f"region file {path}: {e.strerror}") from None
                 r = self.regions.get(name)
                 if r is not None and r.state in ("ready", "loading") and digest and r.digest == digest:
                     states[name] = r.state             # same content already here or on its way
@@ -253,7 +401,7 @@ class MemoryService:
                 if r is not None and r.state != "failed":
                     raise _Refuse("exists", f"region {name!r} already exists ({r.state}, digest {r.digest}); "
                                   "drop it first")
-                src = {"path": path, "offset": int(s.get("offset") or 0), "length": s.get("length")}
+                src = {"path": path, "offset": offset, "length": length}
                 r = _Region(name, "loading", size=s.get("length") or 0, digest=digest, source=src)
                 self.regions[name] = r
                 todo.append(r)
@@ -292,7 +440,9 @@ class MemoryService:
     def _op_get(self, req: dict, cid: int) -> tuple[dict, list[int]]:
         name = self._need(req, "name", str)
         wait = bool(req.get("wait", False))
-        timeout = float(req.get("timeout") or 300)
+        timeout = req.get("timeout") or 300
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout < 1e7:
+            raise _Refuse("bad_request", "'timeout' must be a positive number of seconds")
         end = time.monotonic() + timeout
         with self.cond:
             while True:
@@ -316,6 +466,8 @@ class MemoryService:
     def _op_create(self, req: dict, cid: int) -> tuple[dict, list[int]]:
         name = self._need(req, "name", str)
         size = self._need(req, "size", int)
+        if not 0 <= size <= 1 << 46:
+            raise _Refuse("bad_request", "'size' must be a byte count (at most 64 TiB)")
         with self.cond:
             if name in self.regions:
                 raise _Refuse("exists", f"region {name!r} already exists ({self.regions[name].state})")
@@ -366,7 +518,7 @@ class MemoryService:
         names = req.get("names")
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise _Refuse("bad_request", "save needs 'names': [str]")
-        store = WeightDir(req.get("store"))
+        store = WeightDir(self._allowed(req.get("store"), "weight store"))
         picked = []
         with self.cond:
             for n in names:
@@ -590,11 +742,16 @@ def resume(attachments: Iterable[Attachment], client: Client, *, timeout: Option
 
 
 def spawn(socket_path: str | os.PathLike, *, threads: Optional[int] = None, log: Any = None,
-          env: Optional[dict] = None, timeout: float = 30.0) -> subprocess.Popen:
+          env: Optional[dict] = None, timeout: float = 30.0, allow: Iterable[str | os.PathLike] = (),
+          group: Optional[str] = None) -> subprocess.Popen:
     """Start ``dynsnap memsvc`` as a child process and wait until it answers."""
     cmd = [sys.executable, "-m", "dynsnap_core.cli", "memsvc", "--socket", str(socket_path)]
     if threads:
         cmd += ["--threads", str(threads)]
+    for d in allow:
+        cmd += ["--allow", str(d)]
+    if group is not None:
+        cmd += ["--group", str(group)]
     p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log or subprocess.DEVNULL,
                          stderr=log or subprocess.DEVNULL, start_new_session=True,
                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), **(env or {})})
@@ -659,20 +816,23 @@ def restore_with_regions(path: str | os.PathLike, *, service: str | os.PathLike,
     from .snapshot import restore
     from .weightdir import WeightDir
     meta = read_regions(path)
-    if meta:
-        wd = WeightDir(store or meta["store"])
-        with Client(service) as c:
+    with Client(service) as c:
+        c.ping()                     # a service that cannot be reached is said before anything is restored
+        if meta:
+            wd = WeightDir(store or meta["store"])
             c.load_many([{"name": r["name"], "path": str(wd.path(r["digest"], r["size"])), "offset": 0,
                           "length": r["size"], "digest": r["digest"]} for r in meta["regions"]])
     return restore(path, **kw)
 
 
-def main(socket_path: str, threads: Optional[int] = None, quiet: bool = False) -> int:
+def main(socket_path: str, threads: Optional[int] = None, quiet: bool = False, allow: Iterable[str] = (),
+         group: Optional[str] = None) -> int:
     """``dynsnap memsvc``: serve until SIGTERM/SIGINT or a shutdown request."""
     import signal
 
-    svc = MemoryService(socket_path, threads=threads,
+    svc = MemoryService(socket_path, threads=threads, allow=allow, group=group,
                         log=None if quiet else (lambda s: print(s, file=sys.stderr, flush=True)))
+    svc.bind()
 
     def stop(signum, frame):
         svc.stop()

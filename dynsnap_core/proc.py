@@ -11,10 +11,14 @@ from .errors import InvalidTarget, ProcessNotFound
 
 __all__ = ["exists", "tree", "cmdline", "comm", "rss_bytes", "session_id", "validate_target",
            "state", "wait_stopped", "unsupported_resources", "set_child_subreaper", "reap_children",
-           "ns_ids", "pid_namespace_init", "mount_namespace"]
+           "ns_ids", "pid_namespace_init", "mount_namespace", "start_time", "tgid", "PID_MAX"]
+
+PID_MAX = 4194304          # PID_MAX_LIMIT: no Linux pid is larger
 
 
 def exists(pid: int) -> bool:
+    if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid <= PID_MAX:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -36,6 +40,25 @@ def state(pid: int) -> Optional[str]:
 def _stat_fields(pid: int) -> list[str]:
     data = Path(f"/proc/{pid}/stat").read_text()
     return data[data.rindex(")") + 2:].split()
+
+
+def start_time(pid: int) -> Optional[int]:
+    """When pid started (clock ticks since boot, /proc/PID/stat field 22): with the pid, names one process for good."""
+    try:
+        return int(_stat_fields(pid)[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def tgid(pid: int) -> Optional[int]:
+    """The process (thread group) that pid belongs to: pid itself unless pid is a thread id."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Tgid:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def session_id(pid: int) -> int:
@@ -150,8 +173,11 @@ def rss_bytes(pid: int) -> int:
 
 def validate_target(pid: int) -> None:
     """Refuse pids that must never be frozen, with one sentence each."""
-    if not isinstance(pid, int) or pid <= 0:
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         raise ProcessNotFound(f"invalid pid {pid!r}: a pid is a positive integer", stage="preflight", pid=None)
+    if pid > PID_MAX:
+        raise ProcessNotFound(f"no such process: {pid} (Linux pids are at most {PID_MAX})", stage="preflight",
+                              pid=None)
     if pid == 1:
         raise InvalidTarget("refusing to checkpoint pid 1 (init): it would freeze the whole system",
                             stage="preflight", pid=pid)
@@ -160,6 +186,10 @@ def validate_target(pid: int) -> None:
                             stage="preflight", pid=pid)
     if not exists(pid):
         raise ProcessNotFound(f"no such process: {pid}", stage="preflight", pid=pid)
+    leader = tgid(pid)
+    if leader is not None and leader != pid:
+        raise InvalidTarget(f"pid {pid} is a thread of process {leader}, not a process; checkpoint pid {leader}",
+                            stage="preflight", pid=pid)
     if not cmdline(pid) and not Path(f"/proc/{pid}/exe").exists():
         raise InvalidTarget(f"pid {pid} is a kernel thread; only user processes can be checkpointed",
                             stage="preflight", pid=pid)

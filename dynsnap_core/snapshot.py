@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import errno
+import json
 import os
 import platform
 import shutil
 import signal
+import stat
 import socket
 import tempfile
 import time
@@ -18,10 +20,12 @@ from typing import Any, Callable, Iterator, Optional
 from . import criu_images
 from . import manifest as mf
 from . import proc
-from .criu import find_criu, require_privilege
+from .criu import find_criu, require_privilege, run_limits
 from .durable import fsync_path
 from .guardian import Guardian
-from .errors import (CriuError, CudaDeviceMismatch, CudaUnavailable, DynsnapError, InvalidTarget, SnapshotCorrupt,
+from .journal import Entry, TreeLock, recover, restore_entry, traced_by
+from .errors import (CriuError, CudaDeviceMismatch, CudaUnavailable, DynsnapError, InvalidArgument, InvalidTarget,
+                     SnapshotCorrupt,
                      SnapshotExists,
                      SnapshotNotFound, StorageError)
 
@@ -33,6 +37,7 @@ STAGING_TAG = ".dynsnap-staging."
 # records as external (by mount point, not by content: /dev/shm or /tmp never enter the image) and binds again
 # from the node at restore.
 CRIU_MNTNS_ARGS = ("--external", "mnt[]")
+MIN_LOG_SPACE = 4 << 20          # free space a restore needs in the home's logs/ (CRIU's log and pidfile)
 Progress = Optional[Callable[[str, int, int], Any]]   # (phase, done, total)
 
 
@@ -57,12 +62,24 @@ def snapshots_root() -> Path:
 
 
 def resolve(path_or_name: str | os.PathLike) -> Path:
-    """A path as given, or a bare name looked up under the default snapshot root."""
-    p = Path(path_or_name)
-    if p.exists() or os.sep in str(path_or_name) or str(path_or_name).startswith("."):
+    """A path (it holds a ``/`` or starts with ``.``) as given, or a bare name: the snapshot root's NAME or
+    ``./NAME``, whichever exists; a bare name that names both is refused (say ``./NAME`` or the full path)."""
+    _check_path_arg(path_or_name, "snapshot")
+    text = os.fspath(path_or_name)
+    p = Path(text)
+    if os.sep in text or text.startswith("."):
         return p
     cand = snapshots_root() / p
-    return cand if cand.exists() else p
+    here, there = os.path.lexists(p), os.path.lexists(cand)
+    if here and there:
+        try:
+            same = os.path.samefile(p, cand)
+        except OSError:
+            same = False
+        if not same:
+            raise InvalidArgument(f"{text!r} names both {p.absolute()} and {cand}; write ./{text} or the full path",
+                                  stage="preflight", path=text)
+    return cand if there else p
 
 
 class Interrupted(DynsnapError):
@@ -90,7 +107,7 @@ def _deferred_signals(state: dict) -> Iterator[None]:
             signal.signal(s, h)
 
 
-def _check_interrupt(state: dict, stage: str) -> None:
+def _check_interrupt(state: dict, stage: str) -> None:  # checkpoint's safe points
     if state.get("signal"):
         name = signal.Signals(state["signal"]).name
         raise Interrupted(f"checkpoint interrupted by {name} during {stage}; nothing was kept", stage=stage)
@@ -157,27 +174,108 @@ def open_snapshot(path: str | os.PathLike) -> Snapshot:
     return Snapshot(p, mf.read(p))
 
 
-def clean_stale_staging(parent: Path) -> list[Path]:
-    """Remove staging left by a dynsnap that was killed (its pid no longer alive): hidden staging directories
-    next to snapshots in ``parent``, and CRIU dump / restore prefetch directories in tmpfs."""
+def _staging_owner_alive(token: str) -> bool:
+    """Whether the dynsnap named in a staging name still runs: ``PID`` (older names) or ``PID.START``."""
+    pid_s, _, start_s = token.partition(".")
+    if not pid_s.isdigit():
+        return True                      # not ours to judge: keep it
+    pid = int(pid_s)
+    if not proc.exists(pid):
+        return False
+    return not start_s.isdigit() or proc.start_time(pid) == int(start_s)
+
+
+def _tree_bytes(path: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def clean_stale_staging(parent: Optional[Path] = None) -> list[tuple[Path, int]]:
+    """Remove staging left by a dynsnap that was killed (its pid no longer alive, or reused): hidden staging
+    directories next to snapshots in ``parent``, and CRIU dump / restore prefetch directories in tmpfs (swept by
+    every command: a killed checkpoint of a large worker leaves its whole image there). Returns (path, bytes)."""
     removed = []
-    places: list[tuple[Path, Callable[[str], Optional[str]]]] = [
-        (parent, lambda n: n.rsplit(".", 1)[1] if STAGING_TAG in n else None)]
+    places: list[tuple[Path, Callable[[str], Optional[str]]]] = []
+    if parent is not None:
+        places.append((Path(parent), lambda n: n.rsplit(".", 1)[1] if STAGING_TAG in n else None))
     tmpfs = _tmpfs_dir()
     if tmpfs is not None:
         places.append((tmpfs, lambda n: n.split("-")[2] if n.startswith(("dynsnap-dump-", "dynsnap-restore-"))
-                       else None))
+                       and n.count("-") >= 3 else None))
     for where, owner in places:
         try:
             entries = list(where.iterdir())
         except OSError:
             continue
         for e in entries:
-            pid = owner(e.name)
-            if pid is not None and pid.isdigit() and not proc.exists(int(pid)):
-                shutil.rmtree(e, ignore_errors=True)
-                removed.append(e)
+            token = owner(e.name)
+            if token is None or _staging_owner_alive(token):
+                continue
+            try:
+                if e.is_symlink() or not e.is_dir():
+                    continue             # staging is always a real directory; leave anything else alone
+            except OSError:
+                continue
+            size = _tree_bytes(e)
+            shutil.rmtree(e, ignore_errors=True)
+            removed.append((e, size))
     return removed
+
+
+def _staging_token() -> str:
+    """``PID.START`` of this dynsnap, put in staging names so that a reused pid is not mistaken for the owner."""
+    return f"{os.getpid()}.{proc.start_time(os.getpid()) or 0}"
+
+
+STAGING_MODES = ("auto", "tmpfs", "target")
+
+
+def staging_setting() -> str:
+    """$DYNSNAP_STAGING checked: auto (default), tmpfs or target; anything else is one sentence."""
+    mode = os.environ.get("DYNSNAP_STAGING") or "auto"
+    if mode not in STAGING_MODES:
+        raise InvalidArgument(f"DYNSNAP_STAGING={mode!r} is not one of {', '.join(STAGING_MODES)}", stage="preflight")
+    if mode == "tmpfs" and _tmpfs_dir() is None:
+        raise InvalidArgument("DYNSNAP_STAGING=tmpfs but there is no writable tmpfs (/dev/shm or $DYNSNAP_TMPFS)",
+                              stage="preflight")
+    return mode
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_path_arg(v: Any, name: str) -> None:
+    if not isinstance(v, (str, os.PathLike)) or isinstance(v, bytes):
+        raise InvalidArgument(f"{name} must be a path (str or os.PathLike), not {type(v).__name__}",
+                              stage="preflight")
+    text = os.fspath(v)
+    if not isinstance(text, str) or not text or "\0" in text:
+        raise InvalidArgument(f"{name} must be a non-empty path without NUL bytes, not {text!r}", stage="preflight")
+
+
+def _check_engine_arg(engine: Any) -> None:
+    from .io import ENGINES
+    if not isinstance(engine, str) or (engine != "auto" and engine not in ENGINES):
+        raise InvalidArgument(f"unknown I/O engine {engine!r}: use auto or one of {', '.join(ENGINES)}",
+                              stage="preflight")
+
+
+def _check_extra_manifest(extra: Any) -> None:
+    if extra is None:
+        return
+    if not isinstance(extra, dict) or not all(isinstance(k, str) for k in extra):
+        raise InvalidArgument("extra_manifest must be a dict with string keys", stage="preflight")
+    try:
+        json.dumps(extra, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise InvalidArgument(f"extra_manifest must hold JSON values only: {e}", stage="preflight") from None
 
 
 def _tmpfs_dir() -> Optional[Path]:
@@ -197,19 +295,19 @@ def _mem_available() -> int:
     return 0
 
 
-def choose_dump_dir(target_parent: Path, estimate: int) -> tuple[Path, str]:
+def choose_dump_dir(target_parent: Path, estimate: int, mode: Optional[str] = None) -> tuple[Path, str]:
     """Where CRIU dumps: tmpfs when the image fits comfortably in free memory, else the target file system.
 
-    Override with DYNSNAP_STAGING=tmpfs|target.
+    Override with DYNSNAP_STAGING=tmpfs|target (``mode``; read from the environment when None).
     """
-    mode = os.environ.get("DYNSNAP_STAGING", "auto")
+    mode = mode or staging_setting()
     tmpfs = _tmpfs_dir()
     if mode != "target" and tmpfs is not None:
         st = os.statvfs(tmpfs)
         free = st.f_bavail * st.f_frsize
         fits = free > estimate * 1.2 + (256 << 20) and _mem_available() > estimate * 2 + (512 << 20)
         if fits or mode == "tmpfs":
-            return Path(tempfile.mkdtemp(prefix=f"dynsnap-dump-{os.getpid()}-", dir=tmpfs)), "tmpfs"
+            return Path(tempfile.mkdtemp(prefix=f"dynsnap-dump-{_staging_token()}-", dir=tmpfs)), "tmpfs"
     return target_parent, "target"
 
 
@@ -245,14 +343,25 @@ def checkpoint(pid: int, out: str | os.PathLike | None = None, *, leave_running:
     """
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
+    if out is not None:
+        _check_path_arg(out, "out")
+    _check_engine_arg(engine)
+    if not isinstance(leave_running, bool):
+        raise InvalidArgument(f"leave_running must be True or False, not {leave_running!r}", stage="preflight")
+    if not _is_int(cuda_lock_timeout_ms) or not 0 < cuda_lock_timeout_ms <= 86_400_000:
+        raise InvalidArgument(f"cuda_lock_timeout_ms must be a positive number of milliseconds, not "
+                              f"{cuda_lock_timeout_ms!r}", stage="preflight")
+    _check_extra_manifest(extra_manifest)
+    staging_mode = staging_setting()
     require_privilege("checkpoint")
+    recover()
     proc.validate_target(pid)
     criu = find_criu()
     if out is None:
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         out = snapshots_root() / f"{proc.comm(pid)}-{pid}-{stamp}"
     out = Path(out).absolute()
-    if out.exists():
+    if out.exists() or out.is_symlink():
         raise SnapshotExists(f"{out} already exists; choose another --out or remove it", stage="preflight",
                              path=str(out))
     parent = out.parent
@@ -261,11 +370,34 @@ def checkpoint(pid: int, out: str | os.PathLike | None = None, *, leave_running:
     except OSError as e:
         raise StorageError(f"cannot create {parent}: {e.strerror}", stage="preflight", path=str(parent),
                            errno=e.errno) from None
-    clean_stale_staging(parent)
+    freed = clean_stale_staging(parent)
+    if log and freed:
+        log(f"removed {len(freed)} stale staging director{'y' if len(freed) == 1 else 'ies'} of killed runs "
+            f"({sum(n for _, n in freed) / 2**20:.1f} MiB)")
     pids = proc.tree(pid)
-    problems = proc.unsupported_resources(pids)
-    if problems:
-        raise InvalidTarget(f"cannot checkpoint pid {pid}: {problems[0]}", stage="preflight", pid=pid)
+    tree_lock = TreeLock(pids)         # a second checkpoint of this tree is refused until this one is done
+    try:
+        for p in pids:
+            tracer = traced_by(p)
+            if tracer:
+                raise InvalidTarget(f"cannot checkpoint pid {pid}: pid {p} is traced by pid {tracer} "
+                                    f"({proc.comm(tracer)}), a debugger or another CRIU; detach it first",
+                                    stage="preflight", pid=pid)
+        problems = proc.unsupported_resources(pids)
+        if problems:
+            raise InvalidTarget(f"cannot checkpoint pid {pid}: {problems[0]}", stage="preflight", pid=pid)
+        return _checkpoint_locked(pid, pids, out, parent, criu, staging_mode, t_start, timings,
+                                  leave_running=leave_running, cuda_lock_timeout_ms=cuda_lock_timeout_ms,
+                                  progress=progress, engine=engine, log=log, extra_manifest=extra_manifest)
+    finally:
+        tree_lock.release()
+
+
+def _checkpoint_locked(pid: int, pids: list[int], out: Path, parent: Path, criu, staging_mode: str,
+                       t_start: float, timings: dict, *, leave_running: bool, cuda_lock_timeout_ms: int,
+                       progress: Progress, engine: str, log: Callable[[str], Any] | None,
+                       extra_manifest: Optional[dict]) -> Snapshot:
+    """checkpoint() once the tree is locked against a concurrent checkpoint."""
     cmd = proc.cmdline(pid)
     rss = sum(proc.rss_bytes(p) for p in pids)
     shell_job = proc.session_id(pid) != pid
@@ -275,11 +407,18 @@ def checkpoint(pid: int, out: str | os.PathLike | None = None, *, leave_running:
         log(f"note: pid {pid} has a terminal on its stdio; its snapshot can only be restored from a terminal")
     from .compat import facts as _facts
     compat = _facts.collect(pids, host_rss=rss)     # what a restoring node must offer (before anything freezes)
+    # A process its user stopped (SIGSTOP, Ctrl-Z) stays stopped whatever happens: only the others are continued.
+    user_stopped = [p for p in pids if proc.state(p) in ("T", "t")]
+    if log and user_stopped:
+        log(f"note: pid(s) {', '.join(map(str, user_stopped))} were stopped before the checkpoint and stay stopped")
+    resume = [p for p in pids if p not in user_stopped]
 
     staging = parent / f".{out.name}{STAGING_TAG}{os.getpid()}"
     dump_dir: Optional[Path] = None
     resumer: Optional[_Resumer] = None
-    guardian = Guardian(pids)          # continues the tree if this process is killed while it is frozen
+    entry = Entry(pids, resume)        # on record until the tree's fate is settled (journal.recover)
+    guardian = Guardian(resume, journal=entry.path)   # continues the tree if this process is killed while frozen
+    entry.guardian(guardian.pid)
     t_freeze = time.perf_counter()
     cuda_tree = None
     frozen = False
@@ -307,6 +446,7 @@ def checkpoint(pid: int, out: str | os.PathLike | None = None, *, leave_running:
                         log(f"image estimate: host RSS {rss / 2**30:.2f} GiB + GPU {gpu_bytes / 2**30:.2f} GiB "
                             f"in {len(cpids)} CUDA process(es)")
                     cuda_tree = cuda.CudaTree(cpids, timeout_ms=cuda_lock_timeout_ms)
+                    entry.cuda(cpids)
                     guardian.cuda(cpids)
                     if progress:
                         progress("gpu checkpoint", 0, 1)
@@ -316,7 +456,10 @@ def checkpoint(pid: int, out: str | os.PathLike | None = None, *, leave_running:
                     timings.update(cuda_tree.timings)
                     _check_interrupt(sigstate, "gpu checkpoint")
             estimate = rss + sum(v or 0 for v in gpu.get("memory", {}).values())
-            dump_root, dump_where = choose_dump_dir(parent, estimate)
+            entry.staging(staging)
+            dump_root, dump_where = choose_dump_dir(parent, estimate, staging_mode)
+            if dump_where == "tmpfs":
+                entry.staging(dump_root)
             if dump_where == "target":
                 staging.mkdir()
                 dump_dir = staging / "criu"
@@ -334,12 +477,12 @@ def checkpoint(pid: int, out: str | os.PathLike | None = None, *, leave_running:
                 progress("criu dump", 0, 1)
             frozen = True       # from here on, a failure must resume the tree (CRIU may leave it stopped)
             timings["criu_dump"] = criu.run(args, log=dump_dir / "dump.log", stage="dump", pid=pid, env=fault,
-                                            on_start=guardian.criu)
+                                            on_start=lambda c: (entry.criu(c), guardian.criu(c)))
             proc.wait_stopped(pids)
             _check_interrupt(sigstate, "dump")
             if leave_running:
                 # The images are complete in staging: the worker goes back to work while they are persisted.
-                resumer = _Resumer(pids, cuda_tree, t_freeze)
+                resumer = _Resumer(resume, cuda_tree, t_freeze)
 
             # persist: stream the images to the target file system with checksums (C engine).
             t0 = time.perf_counter()
@@ -360,8 +503,8 @@ def checkpoint(pid: int, out: str | os.PathLike | None = None, *, leave_running:
                 "timings": timings, "compat": compat,
             }
             for key, value in (extra_manifest or {}).items():
-                if key in manifest:
-                    raise ValueError(f"extra_manifest may not override {key!r}")
+                if key in manifest or key == mf.ROOT_KEY:
+                    raise InvalidArgument(f"extra_manifest may not override {key!r}", stage="preflight")
                 manifest[key] = value
             timings["total"] = time.perf_counter() - t_start
             mf.write(staging, manifest)
@@ -374,7 +517,7 @@ def checkpoint(pid: int, out: str | os.PathLike | None = None, *, leave_running:
         if resumer is not None:
             resumer.wait(raise_errors=False)
         if not committed:
-            _rollback(pids, frozen, cuda_tree)
+            _rollback(resume, frozen, cuda_tree)
             shutil.rmtree(staging, ignore_errors=True)
         raise
     finally:
@@ -382,6 +525,7 @@ def checkpoint(pid: int, out: str | os.PathLike | None = None, *, leave_running:
             shutil.rmtree(dump_dir, ignore_errors=True)
         if not committed:
             guardian.done()
+            entry.settle()
     # The snapshot is durable. Now finish the tree's fate.
     try:
         if resumer is not None:
@@ -391,6 +535,7 @@ def checkpoint(pid: int, out: str | os.PathLike | None = None, *, leave_running:
             proc.kill_tree(pids, signal.SIGKILL)
     finally:
         guardian.done()
+        entry.settle()
     return Snapshot(out, manifest)
 
 
@@ -423,11 +568,16 @@ def _keep_log(e: CriuError) -> None:
     try:
         logs.mkdir(parents=True, exist_ok=True)
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        dest = logs / f"{e.stage}-{e.pid or 'x'}-{stamp}.log"
-        shutil.copyfile(e.log, dest)
+        dest = logs / f"{e.stage}-{e.pid or 'x'}-{stamp}-{os.getpid()}.log"
+        try:
+            os.rename(e.log, dest)          # same file system: needs no space, works on a full disk
+        except OSError:
+            shutil.copyfile(e.log, dest)
         e.log = str(dest)
-    except OSError:
-        pass
+    except OSError as err:
+        # never point at a log inside the staging that is about to be removed
+        e.message += f" (CRIU's log could not be kept in {logs}: {err.strerror or err})"
+        e.log = None
 
 
 class _Resumer:
@@ -546,7 +696,7 @@ def _prefetch_tmpfs(snap: Snapshot, engine: str, verify: bool) -> tuple[Path, fl
     if tmpfs is None:
         raise StorageError("restore prefetch 'tmpfs' needs a writable tmpfs (/dev/shm or $DYNSNAP_TMPFS)",
                            stage="restore")
-    dest = Path(tempfile.mkdtemp(prefix=f"dynsnap-restore-{os.getpid()}-", dir=tmpfs))
+    dest = Path(tempfile.mkdtemp(prefix=f"dynsnap-restore-{_staging_token()}-", dir=tmpfs))
     t0 = time.perf_counter()
     try:
         res = dio.copy_tree(str(snap.path / "criu"), str(dest / "criu"), engine=engine, direct=True,
@@ -571,31 +721,46 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
             prefetch: Optional[str] = None, log_dir: Optional[Path] = None) -> RestoredProcess:
     """Verify a snapshot and bring its process tree back (detached); return the restored root.
 
-    Steps: manifest + sizes -> device check -> [checksums in parallel threads || CRIU restore with the
-    tree left stopped] -> (if every checksum matched) continue the tree -> CUDA restore -> unlock.
-    Verification reads through the page cache, so it also prefetches what CRIU reads; a tree restored
-    from a snapshot that then fails verification is killed before it ever runs.
+    Steps: manifest (parsed with limits, root digest) + closed-set check (exactly the listed regular files, each
+    of its size) -> device check -> checksums of the small images (everything but memory pages) -> [checksums
+    of the pages in parallel threads || CRIU restore with the tree left stopped] -> (if every checksum matched)
+    continue the tree -> CUDA restore -> unlock. CRIU never reads a metadata image that failed verification; a
+    pages file that fails stops CRIU at once. CRIU runs under a supervisor (dynsnap_core/supervise.py) that kills
+    CRIU and every process it restored unless the restore completes, even when dynsnap is killed; CRIU's run
+    time and log size are bounded (``criu.run_limits``).
 
     ``prefetch`` (default ``$DYNSNAP_RESTORE_PREFETCH`` or ``pagecache``): ``pagecache`` is the overlapped
     path above; ``tmpfs`` first copies and checks the images into tmpfs with the C engine, then CRIU
     restores from memory (``dynsnap bench restore`` measures both; page cache was faster, see RESULTS.md).
     """
     import concurrent.futures as cf
+    import threading
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
+    _check_path_arg(path, "path")
+    _check_engine_arg(engine)
+    if device_map is not None and not (isinstance(device_map, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in device_map.items())):
+        raise InvalidArgument("device_map must be a dict of GPU UUID strings (old -> new)", stage="preflight")
+    if not _is_int(verify_threads) or not 1 <= verify_threads <= 256:
+        raise InvalidArgument(f"verify_threads must be an integer from 1 to 256, not {verify_threads!r}",
+                              stage="preflight")
     prefetch = prefetch or os.environ.get("DYNSNAP_RESTORE_PREFETCH") or "pagecache"
     if prefetch not in PREFETCH_MODES:
-        raise DynsnapError(f"unknown restore prefetch mode {prefetch!r}: use one of {', '.join(PREFETCH_MODES)}",
-                           stage="preflight")
+        raise InvalidArgument(f"unknown restore prefetch mode {prefetch!r}: use one of {', '.join(PREFETCH_MODES)}",
+                              stage="preflight")
     require_privilege("restore")
+    recover()
+    clean_stale_staging()
     snap = open_snapshot(path)
     m = snap.manifest
     from .compat import require as _require_compatible
     _require_compatible(snap)       # every fact the snapshot needs, before anything is touched
     criu = find_criu()
     _check_devices(m)
-    mf.check_sizes(snap.path, m)
+    mf.check_closed(snap.path, m)
+    crit_timeout, log_limit = run_limits(m["total_bytes"])
     pid = m["root_pid"]
     # a tree that had a pid namespace of its own gets a fresh one: the node's pids do not matter
     for p in [] if m.get("pid_namespace") else (m.get("pids") or [pid]):
@@ -606,17 +771,26 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
             raise DynsnapError(f"pid {p} is held by a zombie that its parent (pid {proc.parent(p)}) has not "
                                "reaped yet; a snapshot restores with its original pids", stage="restore", pid=p)
     log_dir = Path(log_dir) if log_dir else default_home() / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    work = Path(tempfile.mkdtemp(prefix=f"restore-{stamp}-", dir=log_dir))
-    pidfile = work / "pid"
     images = snap.path / "criu"
     staged: Optional[Path] = None
+    if verify and prefetch != "tmpfs":
+        # CRIU never reads a metadata image that failed verification: check them all before it starts.
+        t0 = time.perf_counter()
+        mf.verify_files(snap.path, m, engine=engine, direct=False, threads=verify_threads, closed=False,
+                        only=lambda f: not mf.is_bulk(f))
+        timings["verify_metadata"] = time.perf_counter() - t0
     if prefetch == "tmpfs":
         if progress:
             progress("prefetch to tmpfs" + (" + verify" if verify else ""), 0, 1)
         staged, timings["prefetch"] = _prefetch_tmpfs(snap, engine, verify)
         images = staged / "criu"
+    try:
+        work = _restore_workdir(log_dir)
+    except BaseException:
+        if staged is not None:
+            shutil.rmtree(staged, ignore_errors=True)
+        raise
+    pidfile = work / "pid"
     args = ["restore", "-D", str(images), "-W", str(work), "-d", "--pidfile", str(pidfile),
             "--file-locks"]
     if m.get("mount_namespace"):
@@ -624,8 +798,14 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
         args += ["--root", "/", *CRIU_MNTNS_ARGS]
     if m.get("pid_namespace"):
         # a copy beside a running one: abstract socket names it holds (the CUDA driver binds one) are taken
-        renamed = criu_images.rename_taken_abstract_sockets(images, work / "images",
-                                                            lambda copy: _check_copy(copy, snap.path, m))
+        try:
+            renamed = criu_images.rename_taken_abstract_sockets(images, work / "images",
+                                                                lambda copy: _check_copy(copy, snap.path, m))
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)      # CRIU never ran: nothing worth keeping
+            if staged is not None:
+                shutil.rmtree(staged, ignore_errors=True)
+            raise
         if renamed:
             args[args.index(str(images))] = str(work / "images")
             timings["abstract_sockets_renamed"] = len(renamed)
@@ -635,62 +815,130 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
         args.append("--shell-job")
         if verify and staged is None:
             t0 = time.perf_counter()
-            mf.verify_files(snap.path, m, engine=engine, direct=False, threads=verify_threads)
+            mf.verify_files(snap.path, m, engine=engine, direct=False, threads=verify_threads, closed=False,
+                            only=mf.is_bulk)
             timings["verify"] = time.perf_counter() - t0
             verify = False
     else:
         args.append("--leave-stopped")
 
+    sigstate: dict = {}
+    cancel = threading.Event()
     pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dynsnap-verify")
     vfut = None
-    if verify and staged is None:
-        def _verify() -> float:
-            t0 = time.perf_counter()
-            mf.verify_files(snap.path, m, engine=engine, direct=False, threads=verify_threads)
-            return time.perf_counter() - t0
-        vfut = pool.submit(_verify)
-    if progress:
-        progress("criu restore" + (" + verify" if verify else ""), 0, 1)
+    run = None
     rpid: Optional[int] = None
+
+    def check() -> None:
+        """Raised out of CRIU's wait: a signal to dynsnap, or a pages file that failed verification."""
+        if sigstate.get("signal"):
+            name = signal.Signals(sigstate["signal"]).name
+            raise Interrupted(f"restore interrupted by {name}; nothing was restored (CRIU and the half-restored "
+                              "processes were killed)", stage="restore")
+        if vfut is not None and vfut.done() and vfut.exception() is not None:
+            raise vfut.exception()              # type: ignore[misc]
+
+    def wait_verified() -> None:
+        while vfut is not None and not vfut.done():
+            check()
+            time.sleep(0.01)
+        check()
+
     try:
-        try:
-            # A shell job re-attaches to a terminal: give CRIU ours when we have one.
-            timings["criu_restore"] = criu.run(args, log=work / "restore.log", stage="restore", pid=pid,
-                                               inherit_stdin=bool(m.get("shell_job")) and os.isatty(0))
-        except CriuError:
-            if vfut is not None:
-                vfut.result()          # a damaged snapshot explains a CRIU failure better than CRIU does
-            raise
-        try:
-            rpid = int(pidfile.read_text().strip())
-        except (OSError, ValueError):
-            rpid = pid
-        if vfut is not None:
-            timings["verify"] = vfut.result()
-        timings["criu_restore_and_verify"] = time.perf_counter() - t_start
-        tree_pids = proc.tree(rpid)
-        proc.kill_tree(tree_pids, signal.SIGCONT)
-        gpu = m.get("cuda")
-        if gpu and gpu.get("pids"):
-            from . import cuda
-            ctree = cuda.CudaTree(_restored_cuda_pids(gpu, tree_pids, bool(m.get("pid_namespace"))))
+        with _deferred_signals(sigstate):
+            if verify and staged is None:
+                def _verify() -> float:
+                    t0 = time.perf_counter()
+                    mf.verify_files(snap.path, m, engine=engine, direct=False, threads=verify_threads, closed=False,
+                                    only=mf.is_bulk, cancel=cancel)
+                    return time.perf_counter() - t0
+                vfut = pool.submit(_verify)
             if progress:
-                progress("gpu restore", 0, 1)
-            ctree.restore_all(device_map=device_map)
-            ctree.unlock_all()
-            timings.update(ctree.timings)
+                progress("criu restore" + (" + verify" if verify else ""), 0, 1)
+            # A shell job re-attaches to a terminal: give CRIU ours when we have one.
+            run = criu.start_supervised(args, log=work / "restore.log", stage="restore", pid=pid,
+                                        inherit_stdin=bool(m.get("shell_job")) and os.isatty(0),
+                                        journal=restore_entry())
+            try:
+                timings["criu_restore"] = run.wait(timeout=crit_timeout, log_limit=log_limit, check=check)
+            except CriuError:
+                wait_verified()         # a damaged snapshot explains a CRIU failure better than CRIU does
+                raise
+            wait_verified()
+            if vfut is not None:
+                timings["verify"] = vfut.result()
+            try:
+                rpid = int(pidfile.read_text().strip())
+            except (OSError, ValueError):
+                rpid = pid
+            timings["criu_restore_and_verify"] = time.perf_counter() - t_start
+            tree_pids = proc.tree(rpid)
+            proc.kill_tree(tree_pids, signal.SIGCONT)
+            gpu = m.get("cuda")
+            if gpu and gpu.get("pids"):
+                from . import cuda
+                ctree = cuda.CudaTree(_restored_cuda_pids(gpu, tree_pids, bool(m.get("pid_namespace"))))
+                if progress:
+                    progress("gpu restore", 0, 1)
+                ctree.restore_all(device_map=device_map)
+                ctree.unlock_all()
+                timings.update(ctree.timings)
+            check()
+            run.release()
     except BaseException:
-        if rpid is not None:
-            proc.kill_tree(list(reversed(proc.tree(rpid))))
+        cancel.set()
+        if run is not None:
+            run.kill()                  # CRIU and every process it restored: none outlives a failed restore
+        else:
+            shutil.rmtree(work, ignore_errors=True)     # CRIU never ran: no log worth keeping
         raise
     finally:
-        pool.shutdown(wait=True)
+        cancel.set()
+        pool.shutdown(wait=True, cancel_futures=True)
         if staged is not None:
             shutil.rmtree(staged, ignore_errors=True)
     timings["total"] = time.perf_counter() - t_start
     if os.environ.get("DYNSNAP_KEEP_LOGS") is None:
         shutil.rmtree(work, ignore_errors=True)
     return RestoredProcess(rpid, snap, timings)
+
+
+def _restore_workdir(log_dir: Path) -> Path:
+    """CRIU's work directory for one restore (its log and the pidfile), refusing a full file system up front."""
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        st = os.statvfs(log_dir)
+        if st.f_bavail * st.f_frsize < MIN_LOG_SPACE:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        return Path(tempfile.mkdtemp(prefix=f"restore-{stamp}-", dir=log_dir))
+    except OSError as e:
+        what = "no space left on device" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror
+        raise StorageError(f"cannot prepare CRIU's restore log in {log_dir}: {what} (CRIU's log and pidfile go "
+                           f"there: free {MIN_LOG_SPACE >> 20} MiB or set DYNSNAP_HOME elsewhere)", stage="restore",
+                           path=str(log_dir), errno=e.errno) from None
+
+
+_SNAPSHOT_TOP = {mf.MANIFEST_NAME, "criu", mf.MANIFEST_NAME + ".tmp"}
+
+
+def _foreign_entry(p: Path) -> Optional[str]:
+    """The first entry of directory ``p`` that a dynsnap snapshot never holds, or None."""
+    try:
+        top = sorted(os.listdir(p))
+    except OSError as e:
+        return f"(cannot be listed: {e.strerror})"
+    for name in top:
+        if name not in _SNAPSHOT_TOP:
+            return name
+    criu = p / "criu"
+    if os.path.lexists(criu):
+        if criu.is_symlink() or not criu.is_dir():
+            return "criu (not a directory)"
+        for name in sorted(os.listdir(criu)):
+            if not stat.S_ISREG(os.lstat(criu / name).st_mode):
+                return f"criu/{name} (not a regular file)"
+    return None
 
 
 def _check_copy(copy: Path, snap_dir: Path, m: dict) -> None:
@@ -723,20 +971,36 @@ def _restored_cuda_pids(gpu: dict, tree_pids: list[int], pid_namespace: bool) ->
 def remove(path: str | os.PathLike, *, force: bool = False) -> Path:
     """Delete a snapshot: it disappears at once (renamed to hidden staging), then its files are removed.
 
-    Refuses a directory that is not a dynsnap snapshot unless ``force`` is set and it at least holds a
-    manifest.json (a damaged snapshot); never deletes anything else.
+    Refuses a directory that is not a dynsnap snapshot unless ``force`` is set and it holds a manifest.json
+    and nothing a snapshot never holds (a damaged snapshot); refuses a symbolic link (names its target); never
+    deletes anything else.
     """
-    p = resolve(path).absolute()
+    given = resolve(path)
+    p = given.absolute()
+    if p.is_symlink():
+        raise InvalidArgument(f"{p} is a symbolic link to {os.readlink(p)}: dynsnap rm removes snapshot directories, "
+                              "not links; name the snapshot itself, or remove the link with rm(1)", stage="remove",
+                              path=str(p))
     if not p.is_dir():
         raise SnapshotNotFound(f"no snapshot at {p}", stage="remove", path=str(p))
     try:
         mf.read(p)
     except SnapshotCorrupt as e:
-        if not (force and (p / mf.MANIFEST_NAME).exists()):
-            raise SnapshotCorrupt(f"refusing to remove {p}: {e.message}" + ("" if force else " (use --force for a "
-                                  "damaged snapshot)"), stage="remove", path=str(p)) from None
+        if not force:
+            raise SnapshotCorrupt(f"refusing to remove {p}: {e.message} (use --force for a damaged snapshot)",
+                                  stage="remove", path=str(p)) from None
+        if not (p / mf.MANIFEST_NAME).is_file():
+            raise SnapshotCorrupt(f"refusing to remove {p}: it holds no manifest.json, so it is not a dynsnap "
+                                  "snapshot", stage="remove", path=str(p)) from None
+    foreign = _foreign_entry(p)
+    if foreign is not None:
+        raise SnapshotCorrupt(f"refusing to remove {p}: it holds {foreign}, which a dynsnap snapshot never does; "
+                              "remove it yourself if you are sure", stage="remove", path=str(p))
     doomed = p.parent / f".{p.name}{STAGING_TAG}{os.getpid()}"
-    os.rename(p, doomed)
+    try:
+        os.rename(p, doomed)
+    except OSError as e:
+        raise StorageError(f"cannot remove {p}: {e.strerror}", stage="remove", path=str(p), errno=e.errno) from None
     fsync_path(p.parent)
     shutil.rmtree(doomed, ignore_errors=True)
     return p
@@ -755,8 +1019,8 @@ def list_snapshots(root: Optional[Path] = None) -> list[dict]:
         row: dict[str, Any] = {"name": d.name, "path": str(d)}
         try:
             m = mf.read(d)
-        except (SnapshotCorrupt, SnapshotNotFound) as e:
-            row.update(status="invalid", error=str(e))
+        except (DynsnapError, OSError) as e:       # one bad snapshot must not hide the others
+            row.update(status="damaged", error=str(e))
         else:
             row.update(status="ok", bytes=m["total_bytes"], created=m["created"],
                        age_s=max(0.0, time.time() - m.get("created_unix", time.time())),

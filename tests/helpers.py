@@ -107,3 +107,21 @@ class Workload:
         time.sleep(0.05)
         reap_children()
         self.log.close()
+
+
+def write_manifest(snapshot: Path, m: dict) -> None:
+    """Rewrite a snapshot's manifest.json as dynsnap would (sealed with a fresh root digest): for tests that
+    change what a manifest says on purpose, not to damage it."""
+    from dynsnap_core import manifest as mf
+    (snapshot / "manifest.json").write_text(json.dumps(mf.seal(m), indent=2, sort_keys=True))
+
+
+def fail_line(r: subprocess.CompletedProcess, cmd: str) -> str:
+    """The one error sentence of a failed `dynsnap CMD` (exit 1, no traceback); progress lines ("  phase: 2.1 s",
+    printed for long phases) and notes ("note: ...") are allowed around it."""
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and "Traceback" not in r.stdout, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if not ln.startswith(("  ", "note: "))]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"dynsnap {cmd}: "), r.stderr
+    return lines[0][len(f"dynsnap {cmd}: "):]

@@ -23,7 +23,7 @@ class Service:
     def __init__(self, tmp: Path, **env: str):
         self.path = tmp / f"svc{time.monotonic_ns()}.sock"
         self.log = open(tmp / "memsvc.log", "ab")
-        self.popen = memsvc.spawn(self.path, threads=2, log=self.log, env=env)
+        self.popen = memsvc.spawn(self.path, threads=2, log=self.log, env=env, allow=[tmp])
 
     def client(self) -> memsvc.Client:
         return memsvc.Client(self.path, timeout=60)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, cli
+from helpers import ROOT, cli, write_manifest
 
 pytestmark = pytest.mark.criu
 
@@ -290,7 +290,7 @@ def test_gpu_snapshot_refused_without_driver(snapshot):
     m = json.loads((out / "manifest.json").read_text())
     m["cuda"] = {"pids": [w.pid], "driver_version": 13000,
                  "devices": [{"index": 0, "name": "NVIDIA H200", "uuid": "GPU-10748f67-e706-3b40-0efb-3b26c9953d03"}]}
-    (out / "manifest.json").write_text(json.dumps(m))
+    write_manifest(out, m)
     r = cli("restore", out)
     assert one_line(r, "restore") == ("this snapshot holds GPU state but this machine cannot restore it: "
                                       + cuda.driver_info()["reason"])
