@@ -27,7 +27,9 @@ from .snapshot import checkpoint, default_home, restore
 
 __all__ = ["run", "format_table"]
 
-METHODS = ("dynsnap (prefetch=pagecache)", "dynsnap (prefetch=tmpfs)", "criu restore (baseline)")
+METHODS = ("dynsnap (prefetch=pagecache)", "dynsnap (prefetch=pagecache, thp)", "dynsnap (prefetch=tmpfs)",
+           "criu restore (baseline)")
+BASELINE = METHODS[-1]
 
 
 def _start_worker(work: Path, mb: int) -> tuple[subprocess.Popen, Path]:
@@ -103,8 +105,8 @@ def run(dir: Optional[str] = None, size_mb: int = 1024, repeat: int = 1,
                         _warm(images)
                     t0 = time.perf_counter()
                     if method.startswith("dynsnap"):
-                        mode = method.split("=")[1].rstrip(")")
-                        r = restore(snap.path, prefetch=mode)
+                        mode = method.split("=")[1].rstrip(")").split(",")[0]
+                        r = restore(snap.path, prefetch=mode, thp=method.endswith(", thp)"))
                         pid = r.pid
                     else:
                         logd = Path(tempfile.mkdtemp(dir=work))
@@ -120,7 +122,7 @@ def run(dir: Optional[str] = None, size_mb: int = 1024, repeat: int = 1,
                     rows.append(row)
                     say(f"{cache:4} {method:30} {t_answer:6.2f} s {'ok' if row['ok'] else 'WRONG ANSWER'}")
         for r in rows:
-            base_row = next(x for x in rows if x["cache"] == r["cache"] and x["method"] == METHODS[2])
+            base_row = next(x for x in rows if x["cache"] == r["cache"] and x["method"] == BASELINE)
             r["vs_baseline"] = base_row["first_answer_s"] / r["first_answer_s"]
             r["vs_limit"] = (r["gbps"] / limit) if limit and r["cache"] == "cold" else None
         return {"machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "criu": criu.version_str,

@@ -92,6 +92,8 @@ def cmd_restore(a) -> int:
     from .snapshot import restore
     with Reporter(quiet=a.json) as rep:
         kw = dict(verify=not a.no_verify, device_map=_parse_device_map(a.device_map), progress=rep.update)
+        if a.thp:
+            kw["thp"] = True
         if a.memsvc:
             from .memsvc import restore_with_regions
             r = restore_with_regions(a.dir, service=a.memsvc, store=a.weights_store, **kw)
@@ -335,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "s3://BUCKET/PREFIX/NAME is checked, downloaded into the node cache, then restored")
     s.add_argument("dir")
     s.add_argument("--no-verify", action="store_true", help="skip checksum verification")
+    s.add_argument("--thp", action="store_true",
+                   help="set the host's transparent huge pages to 'always' while CRIU restores (host-wide; put back "
+                        "after; also DYNSNAP_RESTORE_THP=always)")
     s.add_argument("--device-map", help="GPU remap OLD_UUID=NEW_UUID,...")
     s.add_argument("--memsvc", metavar="SOCKET", help="memory service that loads the snapshot's regions meanwhile")
     s.add_argument("--weights-store", help="weight directory (default: the one recorded in the snapshot)")

@@ -229,6 +229,8 @@ def recover(path: Optional[Path] = None) -> list[int]:
             pass
     if path is None:
         _recover_restores()
+        from . import thp_scope
+        thp_scope.recover()              # a restore killed while it held THP at `always`: the host's mode back
         try:
             for lock in (run_dir() / "locks").glob("*.lock"):
                 if not _same(lock.stem.split("-")):      # its process is gone: nobody locks it again

@@ -1,6 +1,7 @@
 """Snapshot orchestration: checkpoint (freeze, CRIU dump, persist, atomic commit), restore, verify, list."""
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import errno
 import json
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from . import criu_images
+from . import criu_images, thp_scope
 from . import manifest as mf
 from . import proc
 from .criu import find_criu, require_privilege, run_limits
@@ -718,8 +719,13 @@ def _prefetch_tmpfs(snap: Snapshot, engine: str, verify: bool) -> tuple[Path, fl
 
 def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optional[dict] = None,
             progress: Progress = None, engine: str = "auto", verify_threads: int = 4,
-            prefetch: Optional[str] = None, log_dir: Optional[Path] = None) -> RestoredProcess:
+            prefetch: Optional[str] = None, log_dir: Optional[Path] = None,
+            thp: Optional[bool] = None) -> RestoredProcess:
     """Verify a snapshot and bring its process tree back (detached); return the restored root.
+
+    ``thp`` (default: ``$DYNSNAP_RESTORE_THP`` is ``always``) sets the host's transparent huge pages to `always`
+    while CRIU restores, so the tree's memory comes back in 2 MiB pages (dynsnap_core/thp_scope.py: host-wide,
+    opt-in, put back on every exit path).
 
     Steps: manifest (parsed with limits, root digest) + closed-set check (exactly the listed regular files, each
     of its size) -> device check -> checksums of the small images (everything but memory pages) -> [checksums
@@ -747,6 +753,13 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
         raise InvalidArgument(f"verify_threads must be an integer from 1 to 256, not {verify_threads!r}",
                               stage="preflight")
     prefetch = prefetch or os.environ.get("DYNSNAP_RESTORE_PREFETCH") or "pagecache"
+    if thp is None:
+        env_thp = os.environ.get("DYNSNAP_RESTORE_THP", "")
+        if env_thp not in ("", "always", "off"):
+            raise InvalidArgument(f"DYNSNAP_RESTORE_THP={env_thp!r}: use 'always' or 'off'", stage="preflight")
+        thp = env_thp == "always"
+    elif not isinstance(thp, bool):
+        raise InvalidArgument(f"thp must be True or False, not {thp!r}", stage="preflight")
     if prefetch not in PREFETCH_MODES:
         raise InvalidArgument(f"unknown restore prefetch mode {prefetch!r}: use one of {', '.join(PREFETCH_MODES)}",
                               stage="preflight")
@@ -856,14 +869,17 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
             if progress:
                 progress("criu restore" + (" + verify" if verify else ""), 0, 1)
             # A shell job re-attaches to a terminal: give CRIU ours when we have one.
-            run = criu.start_supervised(args, log=work / "restore.log", stage="restore", pid=pid,
-                                        inherit_stdin=bool(m.get("shell_job")) and os.isatty(0),
-                                        journal=restore_entry())
-            try:
-                timings["criu_restore"] = run.wait(timeout=crit_timeout, log_limit=log_limit, check=check)
-            except CriuError:
-                wait_verified()         # a damaged snapshot explains a CRIU failure better than CRIU does
-                raise
+            with thp_scope.ThpScope() if thp else contextlib.nullcontext() as scope:
+                if scope is not None:
+                    timings["thp_always"] = float(scope.active)
+                run = criu.start_supervised(args, log=work / "restore.log", stage="restore", pid=pid,
+                                            inherit_stdin=bool(m.get("shell_job")) and os.isatty(0),
+                                            journal=restore_entry())
+                try:
+                    timings["criu_restore"] = run.wait(timeout=crit_timeout, log_limit=log_limit, check=check)
+                except CriuError:
+                    wait_verified()     # a damaged snapshot explains a CRIU failure better than CRIU does
+                    raise
             wait_verified()
             if vfut is not None:
                 timings["verify"] = vfut.result()
