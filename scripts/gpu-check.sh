@@ -2,7 +2,8 @@
 # gpu-check.sh: build dynsnap and run its GPU suite and GPU benches on a GPU machine without package access.
 #
 # Run from the repo root on the GPU machine, with .gpubundle/ (from scripts/gpu-bundle.sh) carried along:
-#   scripts/gpu-check.sh [setup] [tests] [bench [SIZES]] [io] [memfd] [weights [SIZES]]   (no argument: setup tests bench)
+#   scripts/gpu-check.sh [setup] [tests] [bench [SIZES]] [io] [memfd] [weights [SIZES]] [e2e [MODEL]]
+#   (no argument: setup tests bench; e2e: `dynsnap bench e2e` for MODEL, default qwen3-0.6b, with its plot)
 # SIZES is a comma list of GB (default 1,4,16, or $DYNSNAP_BENCH_SIZES). Results go to $OUT (default
 # /tmp/dynsnap-gpu-out): build.log, gpu-tests.log, bench-gpu.json, bench-gpu.log, bench-weights.json,
 # gpu-facts.jsonl, summary.md. Uses the machine's python3 (torch, cuda-bindings preinstalled); setup always runs
@@ -16,7 +17,8 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 SIZES=${DYNSNAP_BENCH_SIZES:-1,4,16}
 
-want_tests=0 want_bench=0 want_io=0 want_memfd=0 want_weights=0
+want_tests=0 want_bench=0 want_io=0 want_memfd=0 want_weights=0 want_e2e=0
+E2E_MODEL=qwen3-0.6b
 WSIZES=${DYNSNAP_WEIGHTS_SIZES:-1.2,16}
 if [[ $# -eq 0 ]]; then want_tests=1; want_bench=1; fi
 while [[ $# -gt 0 ]]; do
@@ -28,11 +30,14 @@ while [[ $# -gt 0 ]]; do
             want_weights=1
             if [[ "${2:-}" =~ ^[0-9.,]+$ ]]; then WSIZES=$2; shift; fi ;;
         tests|test) want_tests=1 ;;
+        e2e)
+            want_e2e=1
+            if [[ "${2:-}" =~ ^(qwen3-0.6b|qwen3-8b|tiny)$ ]]; then E2E_MODEL=$2; shift; fi ;;
         bench|benches)
             want_bench=1
             if [[ "${2:-}" =~ ^[0-9.,]+$ ]]; then SIZES=$2; shift; fi ;;
         -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
-        *) echo "gpu-check: unknown argument $1 (setup | tests | bench [SIZES] | io | memfd | weights [SIZES])" >&2; exit 2 ;;
+        *) echo "gpu-check: unknown argument $1 (setup | tests | bench [SIZES] | io | memfd | weights [SIZES] | e2e [MODEL])" >&2; exit 2 ;;
     esac
     shift
 done
@@ -157,6 +162,22 @@ PYEOF
     note "bench weights: rc $rc_weights, sizes $WSIZES GB, $OUT/bench-weights.txt"
 fi
 
+rc_e2e=0
+if [[ $want_e2e == 1 ]]; then
+    $PY -m dynsnap_core.cli bench e2e --model "$E2E_MODEL" --json --plot "$OUT/e2e-$E2E_MODEL.png" \
+        >"$OUT/bench-e2e.json" 2>"$OUT/bench-e2e.log"
+    rc_e2e=$?
+    $PY - "$OUT/bench-e2e.json" <<'PYEOF' >"$OUT/bench-e2e.txt" 2>&1 || rc_e2e=1
+import json, sys
+from dynsnap_core import bench_e2e
+res = json.load(open(sys.argv[1]))
+print(bench_e2e.format_table(res))
+sys.exit(0 if all(r["tokens_match"] for r in res["rows"]) else 1)
+PYEOF
+    cat "$OUT/bench-e2e.txt"
+    note "bench e2e: rc $rc_e2e, $E2E_MODEL, $OUT/bench-e2e.txt, $OUT/e2e-$E2E_MODEL.png"
+fi
+
 # ---- short table last: Markdown, to paste into benches/RESULTS.md ----------------------------------------
 {
     echo
@@ -189,5 +210,8 @@ from dynsnap_core import bench_weights
 print(bench_weights.format_markdown(json.load(open(sys.argv[1]))))
 PYEOF
     fi
+    if [[ $want_e2e == 1 && -s "$OUT/bench-e2e.txt" ]]; then
+        echo; sed -n '/^== table ==/,$p' "$OUT/bench-e2e.txt" | sed 's/^/    /'
+    fi
 } | tee "$OUT/summary.md"
-[[ $rc_build == 0 && $rc_tests == 0 && $rc_bench == 0 && $rc_weights == 0 ]]
+[[ $rc_build == 0 && $rc_tests == 0 && $rc_bench == 0 && $rc_weights == 0 && $rc_e2e == 0 ]]
