@@ -30,6 +30,7 @@ from typing import Callable, Optional
 
 from . import proc
 from .benchutil import drop_caches
+from .durable import tree_bytes
 from .errors import DynsnapError
 
 __all__ = ["run", "format_table", "plot", "ROWS"]
@@ -56,17 +57,6 @@ def _request(sock: str, req: dict, timeout: float = 600) -> dict:
     if not rep.get("ok"):
         raise DynsnapError(f"the e2e worker refused {req.get('op')}: {rep.get('error')}", stage="bench")
     return rep
-
-
-def _du(path: str) -> int:
-    total = 0
-    for root, _, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.lstat(os.path.join(root, f)).st_size
-            except OSError:
-                pass
-    return total
 
 
 class _Run:
@@ -190,7 +180,7 @@ def _row(r: _Run, name: str, how: str, release: bool, tool: str, ref: list[int],
         ck_t, cuda_pids = dict(s.manifest.get("timings", {})), []
     ck_s = time.perf_counter() - t0 + t_quiesce
     r.kill(pid)
-    image = _du(where)
+    image = tree_bytes(where)
     rows = []
     for cache in caches:
         if cache == "cold" and not drop_caches():

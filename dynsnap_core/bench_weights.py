@@ -275,6 +275,13 @@ def _ratios(res: dict) -> None:
         r["pct_of_limit"] = 100 * r["gbps"] / limit if limit else None
 
 
+def _cells(r: dict, no: str) -> tuple[str, str, str]:
+    """A row's ratio to safetensors, share of the limit and bit-exactness, as printed."""
+    x = f"{r['x_safetensors']:.2f}" if r.get("x_safetensors") else "-"
+    p = f"{r['pct_of_limit']:.0f}%" if r.get("pct_of_limit") else "-"
+    return x, p, {True: "yes", False: no, None: "-"}[r["bit_exact"]]
+
+
 def format_table(res: dict) -> str:
     lim = res["limits"]
     lines = [f"machine: {res['machine']}", f"config: {res['config']}",
@@ -289,9 +296,7 @@ def format_table(res: dict) -> str:
         if "error" in r:
             lines.append(f"{r['size_gb']:>6} {r['cache']:<5} {r['method']:<30} FAILED: {r['error'][:80]}")
             continue
-        x = f"{r['x_safetensors']:.2f}" if r.get("x_safetensors") else "-"
-        p = f"{r['pct_of_limit']:.0f}%" if r.get("pct_of_limit") else "-"
-        ok = {True: "yes", False: "NO", None: "-"}[r["bit_exact"]]
+        x, p, ok = _cells(r, "NO")
         lines.append(f"{r['size_gb']:>6} {r['cache']:<5} {r['method']:<30} {r['seconds']:7.2f} {r['gbps']:7.2f} "
                      f"{x:>6} {p:>7} {r['cpu_seconds']:6.1f} {ok}")
     for s in res.get("save", []):
@@ -344,9 +349,7 @@ def format_markdown(res: dict) -> str:
         if "error" in r:
             lines.append(f"| {r['size_gb']} | {r['cache']} | {r['method']} | FAILED: {r['error'][:100]} | | | | | |")
             continue
-        x = f"{r['x_safetensors']:.2f}" if r.get("x_safetensors") else "-"
-        p = f"{r['pct_of_limit']:.0f}%" if r.get("pct_of_limit") else "-"
-        ok = {True: "yes", False: "**NO**", None: "-"}[r["bit_exact"]]
+        x, p, ok = _cells(r, "**NO**")
         lines.append(f"| {r['size_gb']} | {r['cache']} | {r['method']} | {r['seconds']:.2f} | {r['gbps']:.2f} | {x} | "
                      f"{p} | {r['cpu_seconds']:.1f} | {ok} |")
     t = targets(res)

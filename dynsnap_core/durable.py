@@ -1,9 +1,9 @@
-"""Durability helper shared by every writer: fsync a file or a directory by its path."""
+"""File system helpers shared by every writer: fsync a file or a directory by its path, bytes under a tree."""
 from __future__ import annotations
 
 import os
 
-__all__ = ["fsync_path"]
+__all__ = ["fsync_path", "tree_bytes"]
 
 
 def fsync_path(path: str | os.PathLike) -> None:
@@ -13,3 +13,15 @@ def fsync_path(path: str | os.PathLike) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def tree_bytes(path: str | os.PathLike) -> int:
+    """Bytes of the files under ``path`` (not following links; files that vanish while walked count 0)."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_size
+            except OSError:
+                pass
+    return total

@@ -22,7 +22,7 @@ from . import criu_images, thp_scope
 from . import manifest as mf
 from . import proc
 from .criu import find_criu, require_privilege, run_limits
-from .durable import fsync_path
+from .durable import fsync_path, tree_bytes
 from .guardian import Guardian
 from .journal import Entry, TreeLock, recover, restore_entry, traced_by
 from .errors import (CriuError, CudaDeviceMismatch, CudaUnavailable, DynsnapError, InvalidArgument, InvalidTarget,
@@ -186,17 +186,6 @@ def _staging_owner_alive(token: str) -> bool:
     return not start_s.isdigit() or proc.start_time(pid) == int(start_s)
 
 
-def _tree_bytes(path: Path) -> int:
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.lstat(os.path.join(root, f)).st_size
-            except OSError:
-                pass
-    return total
-
-
 def clean_stale_staging(parent: Optional[Path] = None) -> list[tuple[Path, int]]:
     """Remove staging left by a dynsnap that was killed (its pid no longer alive, or reused): hidden staging
     directories next to snapshots in ``parent``, and CRIU dump / restore prefetch directories in tmpfs (swept by
@@ -223,7 +212,7 @@ def clean_stale_staging(parent: Optional[Path] = None) -> list[tuple[Path, int]]
                     continue             # staging is always a real directory; leave anything else alone
             except OSError:
                 continue
-            size = _tree_bytes(e)
+            size = tree_bytes(e)
             shutil.rmtree(e, ignore_errors=True)
             removed.append((e, size))
     return removed
