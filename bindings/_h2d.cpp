@@ -22,6 +22,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -31,16 +32,13 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Warray-bounds"  // GCC 12 false positive inside inlined XXH3_update
-#define XXH_INLINE_ALL
-#include <xxhash.h>
+#include "dynsnap/digest.h"
 
 namespace py = pybind11;
 
 namespace {
 
-constexpr size_t kHashChunk = size_t(8) << 20;  // == DS_MEMFD_HASH_CHUNK
+constexpr size_t kHashChunk = DS_DIGEST_CHUNK;
 constexpr size_t kAlign = 4096;
 
 // ---- the slice of the CUDA driver API we use (types as in cuda.h, 64-bit CUdeviceptr) ----
@@ -183,22 +181,6 @@ Driver &ready_driver()
     if (!d.error.empty())
         throw std::runtime_error("CUDA driver unavailable: " + d.error);
     return d;
-}
-
-#pragma GCC diagnostic pop
-
-uint64_t finish_digest(const std::vector<uint64_t> &hashes, uint64_t len)
-{
-    XXH3_state_t st;
-    std::memset(&st, 0, sizeof(st));  // the seeded reset reads the old seed
-    XXH3_64bits_reset_withSeed(&st, len);
-    for (uint64_t h : hashes) {
-        unsigned char le[8];
-        for (int b = 0; b < 8; b++)
-            le[b] = (unsigned char)(h >> (8 * b));
-        XXH3_64bits_update(&st, le, sizeof(le));
-    }
-    return XXH3_64bits_digest(&st);
 }
 
 struct Source {
@@ -554,7 +536,7 @@ class Device {
         for (size_t i = 0; i < src.size(); i++) {
             if (!src[i].has_digest)
                 continue;
-            uint64_t got = finish_digest(src[i].hashes, src[i].size);
+            uint64_t got = ds_digest_combine(src[i].hashes.data(), src[i].hashes.size(), src[i].size);
             if (got != src[i].digest) {
                 char buf[96];
                 snprintf(buf, sizeof(buf), "digest %016llx, the manifest says %016llx", (unsigned long long)got,
@@ -668,7 +650,7 @@ class Device {
                 }
                 if (s.has_digest && !hashed)  // hash while the DMA reads the same buffer
                     for (uint64_t o = 0; o < it.len; o += kHashChunk)
-                        s.hashes[(it.off + o) / kHashChunk] = XXH3_64bits(data + o, size_t(std::min<uint64_t>(kHashChunk, it.len - o)));
+                        s.hashes[(it.off + o) / kHashChunk] = ds_digest_chunk(data + o, size_t(std::min<uint64_t>(kHashChunk, it.len - o)));
             }
         } catch (CudaFailure &e) {
             fail.set(e.code == CUDA_ERROR_OUT_OF_MEMORY ? "oom" : "cuda", e.what(), e.code, cur_src);
@@ -731,13 +713,15 @@ class Device {
     static bool read_chunk_hashing(Source &s, const Item &it, char *buf, Failure &fail)
     {
         constexpr uint64_t kPiece = uint64_t(512) << 10;
-        XXH3_state_t st;
+        ds_digest_stream *st = nullptr;
+        if (ds_digest_stream_create(&st)) {
+            fail.set("io", "xxh3 state: out of memory", ENOMEM, long(it.src));
+            return false;
+        }
+        std::unique_ptr<ds_digest_stream, void (*)(ds_digest_stream *)> own(st, ds_digest_stream_destroy);
         for (uint64_t h = 0; h < it.len; h += kHashChunk) {
             uint64_t hlen = std::min<uint64_t>(kHashChunk, it.len - h);
-            if (XXH3_64bits_reset(&st) != XXH_OK) {
-                fail.set("io", "xxh3 reset failed", EINVAL, long(it.src));
-                return false;
-            }
+            ds_digest_stream_reset(st);
             for (uint64_t p = 0; p < hlen; p += kPiece) {
                 uint64_t plen = std::min<uint64_t>(kPiece, hlen - p);
                 char *dst = buf + h + p;
@@ -760,9 +744,9 @@ class Device {
                     }
                     got += uint64_t(r);
                 }
-                XXH3_64bits_update(&st, dst, size_t(plen));
+                ds_digest_stream_update(st, dst, size_t(plen));
             }
-            s.hashes[(it.off + h) / kHashChunk] = XXH3_64bits_digest(&st);
+            s.hashes[(it.off + h) / kHashChunk] = ds_digest_stream_final(st);
         }
         return true;
     }
