@@ -19,9 +19,11 @@ int throws(F f, const std::string &msg, const char *what)
 		CHECK(msg == e.what(), "%s: message \"%s\", expected \"%s\"", what, e.what(), msg.c_str());
 		return T_PASS;
 	} catch (std::exception &e) {
-		CHECK(false, "%s: wrong exception type: %s", what, e.what());
+		std::fprintf(stderr, "%s: wrong exception type: %s\n", what, e.what());
+		return T_FAIL;
 	}
-	CHECK(false, "%s: nothing thrown", what);
+	std::fprintf(stderr, "%s: nothing thrown\n", what);
+	return T_FAIL;
 }
 
 int balanced(const char *what)
