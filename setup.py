@@ -2,6 +2,7 @@
 import os
 import shlex
 import subprocess
+import sys
 
 from Cython.Build import cythonize
 from pybind11.setup_helpers import Pybind11Extension
@@ -46,12 +47,13 @@ class BuildExt(build_ext):
     def run(self):
         build = os.path.join(os.path.abspath(self.build_temp), "core")
         exe = cmake()
-        if exe:
-            subprocess.run([exe, "-S", HERE, "-B", build, "-DCMAKE_BUILD_TYPE=RelWithDebInfo",
-                            "-DDYNSNAP_TESTS=OFF", "-DDYNSNAP_SANITIZE=OFF"], check=True)
-            subprocess.run([exe, "--build", build, "--target", "dynsnap", f"-j{os.cpu_count() or 1}"], check=True)
-        else:
+        if not exe or subprocess.run([exe, "-S", HERE, "-B", build, "-DCMAKE_BUILD_TYPE=RelWithDebInfo",
+                                      "-DDYNSNAP_TESTS=OFF", "-DDYNSNAP_SANITIZE=OFF"]).returncode != 0:
+            print("setup.py: " + ("CMake failed to configure" if exe else "no CMake") +
+                  ": building libdynsnap.a with the Python build's compiler", file=sys.stderr)
             self.build_core_without_cmake(build)
+        else:
+            subprocess.run([exe, "--build", build, "--target", "dynsnap", f"-j{os.cpu_count() or 1}"], check=True)
         for ext in self.extensions:
             ext.extra_objects = [os.path.join(build, "libdynsnap.a")]
         super().run()
