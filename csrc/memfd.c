@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "err.h"
+#include "fd.h"
 #include "dynsnap/digest.h"
 #include "dynsnap/memfd.h"
 
@@ -351,23 +352,12 @@ static int __ds_run(struct __ds_job *j)
 
 static int __ds_open_counted(struct ds_memfd_ctx *c, const char *path, int flags, int mode)
 {
-	int fd;
-
-	do
-		fd = open(path, flags | O_CLOEXEC, mode);
-	while (fd < 0 && errno == EINTR);
-	if (fd < 0)
-		return -errno;
-	c->cnt.fds_opened++;
-	return fd;
+	return __ds_fd_open(path, flags, mode, &c->cnt.fds_opened);
 }
 
 static void __ds_close_counted(struct ds_memfd_ctx *c, int *fd)
 {
-	if (*fd < 0)
-		return;
-	close(*fd);          /* Linux always releases the fd, even on EINTR: never retry */
-	c->cnt.fds_closed++;
+	(void)__ds_fd_close(*fd, &c->cnt.fds_closed);  /* the fd is released whatever close says */
 	*fd = -1;
 }
 
