@@ -1,7 +1,8 @@
-"""Compiled extensions of dynsnap-core: the C I/O engine (Cython) and the CUDA probe (pybind11)."""
+"""Compiled extensions of dynsnap-core: CMake builds the C/C++ core (libdynsnap.a) once, every extension links it."""
 import os
 import shlex
 import subprocess
+import sys
 
 from Cython.Build import cythonize
 from pybind11.setup_helpers import Pybind11Extension
@@ -9,10 +10,8 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CSRC = sorted(os.path.join("csrc", f) for f in os.listdir(os.path.join(HERE, "csrc")) if f.endswith(".c"))
-HEADERS = sorted(os.path.join(d, f) for d, _, fs in os.walk(os.path.join("csrc")) for f in fs if f.endswith(".h"))
-DEPENDS = CSRC + HEADERS          # relink the modules whenever the C core changes
-STRICT = ["-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-D_GNU_SOURCE"]
+CORE = sorted(os.path.join(d, f) for d, _, fs in os.walk("csrc") for f in fs if f.endswith((".c", ".cpp", ".h")))
+DEPENDS = CORE + ["CMakeLists.txt"]   # relink the modules whenever the C core changes
 
 
 def deps():
@@ -32,50 +31,69 @@ def deps():
     return inc, libdirs, []
 
 
-class BuildExt(build_ext):
-    """Compiles csrc/*.c with the strict C flags, then links them into the Cython module."""
+def cmake():
+    """The first cmake on PATH that runs (a pyenv shim of a pip cmake fails inside pip's isolated build env)."""
+    for d in os.environ.get("PATH", "").split(os.pathsep) + ["/usr/local/bin", "/usr/bin"]:
+        exe = os.path.join(d, "cmake")
+        if os.access(exe, os.X_OK) and subprocess.run([exe, "--version"], capture_output=True).returncode == 0:
+            return exe
+    return None
 
-    def build_extension(self, ext):
-        strict = STRICT_SOURCES.get(ext.name)
-        if strict:
-            objs = self.compiler.compile(strict, output_dir=self.build_temp,
-                                         include_dirs=ext.include_dirs, extra_postargs=STRICT)
-            ext.extra_objects = list(objs)
-        super().build_extension(ext)
+
+class BuildExt(build_ext):
+    """Builds the `dynsnap` static library once (CMake: strict flags, no sanitizers; the same sources with the
+    same flags through the Python build's compiler where a machine has no CMake), then links it into each module."""
+
+    def run(self):
+        build = os.path.join(os.path.abspath(self.build_temp), "core")
+        exe = cmake()
+        if not exe or subprocess.run([exe, "-S", HERE, "-B", build, "-DCMAKE_BUILD_TYPE=RelWithDebInfo",
+                                      "-DDYNSNAP_TESTS=OFF", "-DDYNSNAP_SANITIZE=OFF"]).returncode != 0:
+            print("setup.py: " + ("CMake failed to configure" if exe else "no CMake") +
+                  ": building libdynsnap.a with the Python build's compiler", file=sys.stderr)
+            self.build_core_without_cmake(build)
+        else:
+            subprocess.run([exe, "--build", build, "--target", "dynsnap", f"-j{os.cpu_count() or 1}"], check=True)
+        for ext in self.extensions:
+            ext.extra_objects = [os.path.join(build, "libdynsnap.a")]
+        super().run()
+
+    def build_core_without_cmake(self, build):
+        from setuptools._distutils.ccompiler import new_compiler
+        from setuptools._distutils.sysconfig import customize_compiler
+        cc = new_compiler()
+        customize_compiler(cc)
+        strict = ["-O2", "-g", "-Wall", "-Wextra", "-Werror", "-D_GNU_SOURCE", "-fPIC"]
+        inc = ["csrc/include", "csrc"] + INC
+        objs = cc.compile([f for f in CORE if f.endswith(".c")], output_dir=build, include_dirs=inc,
+                          extra_postargs=["-std=c11"] + strict)
+        objs += cc.compile([f for f in CORE if f.endswith(".cpp")], output_dir=build, include_dirs=inc,
+                           extra_postargs=["-std=c++17"] + strict)
+        cc.create_static_lib(objs, "dynsnap", output_dir=build)
 
 
 INC, LIBDIRS, LINK = deps()
+CORE_INC = ["csrc/include"] + INC
 
 
 def c_core_extension(name: str, pyx: str) -> Extension:
-    """A Cython module linked with the whole C core (csrc/*.c, compiled with the strict flags)."""
-    return Extension(name, sources=[pyx], include_dirs=["csrc/include", "csrc"] + INC, library_dirs=LIBDIRS,
+    """A Cython module over the C core's public headers."""
+    return Extension(name, sources=[pyx], include_dirs=CORE_INC + ["csrc"], library_dirs=LIBDIRS,
                      libraries=["uring", "aio"], extra_compile_args=["-O2", "-D_GNU_SOURCE", "-Wno-unused-function"],
                      extra_link_args=LINK, depends=DEPENDS)
 
 
-io_ext = c_core_extension("dynsnap_core._lib._io", "bindings/_io.pyx")            # the I/O engine
-memfd_ext = c_core_extension("dynsnap_core._lib._memfd", "bindings/_memfd.pyx")   # parallel memfd restoration
-STRICT_SOURCES = {io_ext.name: CSRC, memfd_ext.name: CSRC}
+def cxx_extension(name: str, src: str) -> Pybind11Extension:
+    """A pybind11 module over the core's C++ pieces."""
+    return Pybind11Extension(name, sources=[src], include_dirs=CORE_INC, cxx_std=17, depends=DEPENDS,
+                             extra_compile_args=["-O2", "-Wall", "-Wextra"], libraries=["dl", "pthread"])
 
-probe_ext = Pybind11Extension(
-    "dynsnap_core._lib._cudaprobe",
-    sources=["bindings/cudaprobe.cpp"],
-    cxx_std=17,
-    libraries=["dl"],
-)
-
-h2d_ext = Pybind11Extension(  # weights (issue 6): pinned multi-stream H2D pipeline, libcuda dlopen()ed
-    "dynsnap_core._lib._h2d",
-    sources=["bindings/_h2d.cpp"],
-    include_dirs=INC,
-    cxx_std=17,
-    extra_compile_args=["-O2", "-Wall", "-Wextra"],
-    libraries=["dl", "pthread"],
-)
 
 setup(
-    ext_modules=cythonize([io_ext, memfd_ext], language_level=3,
-                          compiler_directives={"boundscheck": False, "wraparound": False}) + [probe_ext, h2d_ext],
+    ext_modules=cythonize([c_core_extension("dynsnap_core._lib._io", "bindings/_io.pyx"),          # the I/O engine
+                           c_core_extension("dynsnap_core._lib._memfd", "bindings/_memfd.pyx")],   # memfd restore
+                          language_level=3, compiler_directives={"boundscheck": False, "wraparound": False})
+    + [cxx_extension("dynsnap_core._lib._cudaprobe", "bindings/cudaprobe.cpp"),  # CUDA probe
+       cxx_extension("dynsnap_core._lib._h2d", "bindings/_h2d.cpp")],            # weights: pinned H2D pipeline
     cmdclass={"build_ext": BuildExt},
 )

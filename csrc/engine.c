@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "engine.h"
+#include "fd.h"
 
 #define __DS_HUGE (2u << 20) /* x86-64 and arm64-4K transparent huge page */
 
@@ -119,26 +120,12 @@ void __ds_buf_free(struct ds_io_engine *e, void *p)
 
 int __ds_open(struct ds_io_engine *e, const char *path, int flags, int mode)
 {
-	int fd;
-
-	do
-		fd = open(path, flags | O_CLOEXEC, mode);
-	while (fd < 0 && errno == EINTR);
-	if (fd < 0)
-		return -errno;
-	e->cnt.fds_opened++;
-	return fd;
+	return __ds_fd_open(path, flags, mode, &e->cnt.fds_opened);
 }
 
 int __ds_close(struct ds_io_engine *e, int fd)
 {
-	if (fd < 0)
-		return 0;
-	e->cnt.fds_closed++;
-	/* Linux always releases the fd, even on EINTR: never retry */
-	if (close(fd) < 0 && errno != EINTR)
-		return -errno;
-	return 0;
+	return __ds_fd_close(fd, &e->cnt.fds_closed);
 }
 
 int __ds_set_direct(int fd)

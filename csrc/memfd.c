@@ -11,10 +11,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#define XXH_INLINE_ALL
-#include <xxhash.h>
-
 #include "err.h"
+#include "fd.h"
+#include "dynsnap/digest.h"
 #include "dynsnap/memfd.h"
 
 #ifndef MADV_POPULATE_WRITE
@@ -145,48 +144,11 @@ void ds_memfd_ctx_counters(const struct ds_memfd_ctx *c, struct ds_memfd_counter
 	*out = c->cnt;
 }
 
-/* ---- the digest ---- */
-
-static uint64_t __ds_finish_digest(const uint64_t *hashes, size_t nchunks, uint64_t len)
-{
-	unsigned char le[8];
-	XXH3_state_t st;
-	size_t i;
-	int b;
-
-	memset(&st, 0, sizeof(st));   /* the seeded reset reads the old seed */
-	XXH3_64bits_reset_withSeed(&st, len);
-	for (i = 0; i < nchunks; i++) {
-		for (b = 0; b < 8; b++)
-			le[b] = (unsigned char)(hashes[i] >> (8 * b));
-		XXH3_64bits_update(&st, le, sizeof(le));
-	}
-	return XXH3_64bits_digest(&st);
-}
-
-static size_t __ds_nchunks(uint64_t len)
-{
-	return (size_t)((len + DS_MEMFD_HASH_CHUNK - 1) / DS_MEMFD_HASH_CHUNK);
-}
+/* ---- the digest (dynsnap/digest.h) ---- */
 
 uint64_t ds_memfd_digest(const void *p, size_t len)
 {
-	unsigned char le[8];
-	XXH3_state_t st;
-	size_t off, n;
-	uint64_t h;
-	int b;
-
-	memset(&st, 0, sizeof(st));   /* the seeded reset reads the old seed */
-	XXH3_64bits_reset_withSeed(&st, len);
-	for (off = 0; off < len; off += n) {
-		n = len - off < DS_MEMFD_HASH_CHUNK ? len - off : DS_MEMFD_HASH_CHUNK;
-		h = XXH3_64bits((const char *)p + off, n);
-		for (b = 0; b < 8; b++)
-			le[b] = (unsigned char)(h >> (8 * b));
-		XXH3_64bits_update(&st, le, sizeof(le));
-	}
-	return XXH3_64bits_digest(&st);
+	return ds_digest_region(p, len);
 }
 
 /* ---- the worker pool ---- */
@@ -268,43 +230,46 @@ static int __ds_do_unit(struct __ds_job *j, const struct __ds_unit *u)
 	struct __ds_item *it = &j->items[u->item];
 	size_t bs = c->cfg.block_size;
 	uint64_t off, end = u->off + u->len;
-	XXH3_state_t st;
-	int ret;
+	struct ds_digest_stream *st = NULL;
+	int ret = 0;
 
 	if (j->op == __DS_COPY) {
 		memcpy(it->map + u->off, it->src + u->off, u->len);
 		return 0;
 	}
+	if (it->hashes && ds_digest_stream_create(&st))
+		return __ds_mfail(c, -ENOMEM, "aligned_alloc", it->path, "digest state");
 	if (j->op == __DS_FILL && (c->cfg.flags & DS_MEMFD_POPULATE))
 		(void)madvise(it->map + u->off, u->len, MADV_POPULATE_WRITE);  /* best effort (kernel >= 5.14) */
 	for (off = u->off; off < end;) {
 		uint64_t hend = off + DS_MEMFD_HASH_CHUNK < end ? off + DS_MEMFD_HASH_CHUNK : end;
 		uint64_t b;
 
-		if (it->hashes)
-			XXH3_64bits_reset(&st);
+		if (st)
+			ds_digest_stream_reset(st);
 		for (b = off; b < hend; b += bs) {
 			size_t n = hend - b < bs ? (size_t)(hend - b) : bs;
 
-			if (atomic_load_explicit(&j->failed, memory_order_relaxed))
-				return -ECANCELED;
-			if (j->op == __DS_FILL) {
-				ret = __ds_read_full(c, it, it->map + b, b, n);
-				if (ret)
-					return ret;
-			} else if (j->op == __DS_DUMP) {
-				ret = __ds_write_full(c, it, it->map + b, b, n);
-				if (ret)
-					return ret;
+			if (atomic_load_explicit(&j->failed, memory_order_relaxed)) {
+				ret = -ECANCELED;
+				goto out;
 			}
-			if (it->hashes)
-				XXH3_64bits_update(&st, it->map + b, n);
+			if (j->op == __DS_FILL)
+				ret = __ds_read_full(c, it, it->map + b, b, n);
+			else if (j->op == __DS_DUMP)
+				ret = __ds_write_full(c, it, it->map + b, b, n);
+			if (ret)
+				goto out;
+			if (st)
+				ds_digest_stream_update(st, it->map + b, n);
 		}
-		if (it->hashes)
-			it->hashes[off / DS_MEMFD_HASH_CHUNK] = XXH3_64bits_digest(&st);
+		if (st)
+			it->hashes[off / DS_MEMFD_HASH_CHUNK] = ds_digest_stream_final(st);
 		off = hend;
 	}
-	return 0;
+out:
+	ds_digest_stream_destroy(st);
+	return ret;
 }
 
 static void *__ds_worker(void *arg)
@@ -387,23 +352,12 @@ static int __ds_run(struct __ds_job *j)
 
 static int __ds_open_counted(struct ds_memfd_ctx *c, const char *path, int flags, int mode)
 {
-	int fd;
-
-	do
-		fd = open(path, flags | O_CLOEXEC, mode);
-	while (fd < 0 && errno == EINTR);
-	if (fd < 0)
-		return -errno;
-	c->cnt.fds_opened++;
-	return fd;
+	return __ds_fd_open(path, flags, mode, &c->cnt.fds_opened);
 }
 
 static void __ds_close_counted(struct ds_memfd_ctx *c, int *fd)
 {
-	if (*fd < 0)
-		return;
-	close(*fd);          /* Linux always releases the fd, even on EINTR: never retry */
-	c->cnt.fds_closed++;
+	(void)__ds_fd_close(*fd, &c->cnt.fds_closed);  /* the fd is released whatever close says */
 	*fd = -1;
 }
 
@@ -559,7 +513,7 @@ static struct __ds_item *__ds_new_items(size_t n, int hashing)
 
 static int __ds_alloc_hashes(struct ds_memfd_ctx *c, struct __ds_item *it)
 {
-	it->hashes = calloc(__ds_nchunks(it->len) + 1, sizeof(uint64_t));
+	it->hashes = calloc(ds_digest_nchunks(it->len) + 1, sizeof(uint64_t));
 	if (!it->hashes)
 		return __ds_mfail(c, -ENOMEM, "allocate", it->path, "digest table");
 	return 0;
@@ -645,7 +599,7 @@ int ds_memfd_restore(struct ds_memfd_ctx *c, size_t n, const struct ds_memfd_seg
 	for (i = 0; i < n && !ret; i++) {
 		char a[17], b[17];
 
-		res[i].digest = __ds_finish_digest(j.items[i].hashes, __ds_nchunks(j.items[i].len), j.items[i].len);
+		res[i].digest = ds_digest_combine(j.items[i].hashes, ds_digest_nchunks(j.items[i].len), j.items[i].len);
 		if (segs[i].check && res[i].digest != segs[i].expect)
 			ret = __ds_mfail(c, -EBADMSG, "verify", segs[i].path,
 					 "checksum mismatch in bytes [%llu, %llu): digest %s, expected %s",
@@ -739,7 +693,7 @@ int ds_memfd_dump(struct ds_memfd_ctx *c, size_t n, const int *fds, const uint64
 	for (i = 0; i < n && !ret; i++) {
 		res[i].size = sizes[i];
 		res[i].map_size = sizes[i];
-		res[i].digest = __ds_finish_digest(j.items[i].hashes, __ds_nchunks(sizes[i]), sizes[i]);
+		res[i].digest = ds_digest_combine(j.items[i].hashes, ds_digest_nchunks(sizes[i]), sizes[i]);
 		if ((c->cfg.flags & DS_MEMFD_FSYNC) && fdatasync(j.items[i].fd) < 0)
 			ret = __ds_mfail(c, -errno, "fsync", paths[i], NULL);
 	}
@@ -784,7 +738,7 @@ int ds_memfd_hash(struct ds_memfd_ctx *c, const void *p, size_t len, uint64_t *d
 	if (!ret)
 		ret = __ds_run(&j);
 	if (!ret)
-		*digest = __ds_finish_digest(it.hashes, __ds_nchunks(len), len);
+		*digest = ds_digest_combine(it.hashes, ds_digest_nchunks(len), len);
 	free(it.hashes);
 	return ret;
 }

@@ -5,12 +5,14 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "dynsnap/digest.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
 
 #define DS_MEMFD_DEFAULT_CHUNK (8u << 20)   /* work unit of one thread, and the digest's chunk */
-#define DS_MEMFD_HASH_CHUNK (8u << 20)      /* fixed: the region digest is defined over 8 MiB chunks */
+#define DS_MEMFD_HASH_CHUNK DS_DIGEST_CHUNK  /* fixed: the region digest is defined over 8 MiB chunks */
 #define DS_MEMFD_MAX_THREADS 256u
 
 /* Flags of ds_memfd_config.flags. */
@@ -91,11 +93,7 @@ int ds_memfd_hash(struct ds_memfd_ctx *c, const void *p, size_t len, uint64_t *d
 /* memcpy with the context's threads. */
 int ds_memfd_copy(struct ds_memfd_ctx *c, void *dst, const void *src, size_t len);
 
-/*
- * The region digest: XXH3-64 over the little-endian XXH3-64 of each DS_MEMFD_HASH_CHUNK-byte chunk
- * (the last one shorter), seeded with the length. Chunks hash independently, so threads compute it
- * while they fill. Single-threaded reference implementation.
- */
+/* The region digest (ds_digest_region of dynsnap/digest.h), single-threaded reference. */
 uint64_t ds_memfd_digest(const void *p, size_t len);
 
 /* Fixed-address mappings (no context: pure syscalls). */
