@@ -149,9 +149,27 @@ def restore_entry() -> Optional[Path]:
     return d / f"{os.getpid()}-{me[1] if me else 0}-{time.monotonic_ns()}.json"
 
 
+def _finished_root(pidfile: object, sup: list) -> Optional[int]:
+    """The root of a tree CRIU restored for a dead restore: the pid in its pidfile, if that process started after
+    the supervisor and is still stopped (CRIU's --leave-stopped); None otherwise."""
+    if not isinstance(pidfile, str):
+        return None
+    try:
+        root = int(Path(pidfile).read_text().strip())
+        since = int(sup[1])
+    except (OSError, ValueError, TypeError, IndexError):
+        return None
+    start = proc.start_time(root)
+    if start is None or start < since or not proc.exists(root) or proc.state(root) not in ("T", "t"):
+        return None
+    return root
+
+
 def _recover_restores() -> list[int]:
-    """Kill what restores left behind when dynsnap and its supervisor died together: exactly the recorded
-    processes (pid and start time), once neither the dynsnap nor the supervisor of the entry is alive."""
+    """Kill what restores left behind when dynsnap and its supervisor died together, once neither is alive: the
+    recorded processes (pid and start time) with whatever they forked since the last record (a CRIU still at
+    work), and the tree CRIU finished after they died (its root named in CRIU's pidfile, started after the
+    supervisor, still stopped as CRIU leaves it)."""
     killed: list[int] = []
     try:
         files = sorted((run_dir() / "restoring").glob("*.json"))
@@ -165,13 +183,19 @@ def _recover_restores() -> list[int]:
             continue
         if _same(owner) or _same(sup):
             continue                      # still restoring, or its supervisor will clean up itself
+        victims: list[int] = []
         for rec in procs:
             if _same(rec):
-                try:
-                    os.kill(int(rec[0]), signal.SIGKILL)
-                    killed.append(int(rec[0]))
-                except (ProcessLookupError, ValueError, TypeError):
-                    pass
+                victims += proc.tree(int(rec[0]))
+        root = _finished_root(data.get("pidfile"), sup)
+        if root is not None:
+            victims += proc.tree(root)
+        for pid in dict.fromkeys(victims):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            except ProcessLookupError:
+                pass
         try:
             f.unlink()
         except OSError:

@@ -115,7 +115,9 @@ def main(argv: list[str]) -> int:
             os.write(2, f"cannot run {cmd[0]}: {e.strerror}\n".encode())
         os._exit(127)
     released = False
-    book = _Book(journal)
+    # CRIU writes the restored root's pid there once the tree exists: a tree CRIU finished after we died is found
+    pidfile = cmd[cmd.index("--pidfile") + 1] if "--pidfile" in cmd[:-1] else None
+    book = _Book(journal, pidfile)
     try:
         released = _serve(child, control, report, stop, book)
     finally:
@@ -139,8 +141,8 @@ class _Book:
     time, kept current while CRIU runs. If dynsnap and this supervisor are killed together, the next dynsnap
     command kills exactly those processes. Removed once the restore is released or everything is killed."""
 
-    def __init__(self, path: str | None):
-        self.path = path
+    def __init__(self, path: str | None, pidfile: str | None = None):
+        self.path, self.pidfile = path, pidfile
         self.owner = os.getppid()
         self.seen: dict[int, int] = {}
         self.update()
@@ -154,7 +156,7 @@ class _Book:
         self.seen.update(now)
         me = os.getpid()
         body = json.dumps({"owner": [self.owner, _start_time(self.owner)], "supervisor": [me, _start_time(me)],
-                           "procs": [[p, t] for p, t in sorted(self.seen.items())]})
+                           "procs": [[p, t] for p, t in sorted(self.seen.items())], "pidfile": self.pidfile})
         tmp = self.path + ".tmp"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
