@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from . import proc
-from .benchutil import drop_caches
+from .benchutil import drop_caches, warm
 from .durable import tree_bytes
 from .errors import DynsnapError
 
@@ -189,7 +188,7 @@ def _row(r: _Run, name: str, how: str, release: bool, tool: str, ref: list[int],
         if cache == "cold" and not drop_caches():
             continue
         if cache == "warm":
-            _warm(where)      # dynsnap persists with O_DIRECT: its images are not in the page cache until read
+            warm([where])     # dynsnap persists with O_DIRECT: its images are not in the page cache until read
         r.say(f"{name}: restore, page cache {cache}")
         t0 = time.perf_counter()
         if tool == "stock":
@@ -215,14 +214,6 @@ def _row(r: _Run, name: str, how: str, release: bool, tool: str, ref: list[int],
         r.kill(rpid)
     shutil.rmtree(where, ignore_errors=True)
     return rows
-
-
-def _warm(path: str) -> None:
-    """Read every file under ``path`` through the page cache."""
-    from . import io as dio
-    for root, _dirs, files in os.walk(path):
-        for f in files:
-            dio.hash_file(os.path.join(root, f), direct=False)
 
 
 def _prompt() -> list[int]:

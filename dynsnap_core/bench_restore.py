@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from . import proc
-from .benchutil import drop_caches
+from .benchutil import drop_caches, warm
 from .criu import find_criu, require_privilege
 from .demo_worker import request
 from .snapshot import checkpoint, default_home, restore
@@ -61,13 +61,6 @@ def _gone(pid: int) -> None:
         time.sleep(0.01)
 
 
-def _warm(images: Path) -> None:
-    for f in images.iterdir():
-        with open(f, "rb") as fh:
-            while fh.read(16 << 20):
-                pass
-
-
 def _dd_read(images: Path) -> float:
     total, t0 = 0, time.perf_counter()
     for f in images.iterdir():
@@ -102,7 +95,7 @@ def run(dir: Optional[str] = None, size_mb: int = 1024, repeat: int = 1,
                     if cache == "cold":
                         drop_caches()
                     else:
-                        _warm(images)
+                        warm([images])
                     t0 = time.perf_counter()
                     if method.startswith("dynsnap"):
                         mode = method.split("=")[1].rstrip(")").split(",")[0]

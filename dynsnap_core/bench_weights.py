@@ -23,7 +23,7 @@ import shutil
 import time
 from typing import Any, Callable, Optional, Sequence
 
-from .benchutil import cpu_time, drop_caches
+from .benchutil import cpu_time, drop_caches, warm
 from .errors import DynsnapError
 
 __all__ = ["run", "format_table", "format_markdown", "targets", "model_shapes"]
@@ -51,14 +51,6 @@ def model_shapes(size_gb: float) -> list[tuple[str, tuple[int, ...]]]:
     if not tied:
         out.append(("lm_head.weight", (vocab, h)))
     return out
-
-
-def _warm(paths: Sequence[str]) -> None:
-    buf = bytearray(16 << 20)
-    for p in paths:
-        with open(p, "rb", buffering=0) as f:
-            while f.readinto(buf):
-                pass
 
 
 def _timed(fn: Callable[[], Any], torch: Any) -> tuple[float, float, Any]:
@@ -179,12 +171,13 @@ def run(sizes: Sequence[float] = (1.2, 16), dir: str = "/var/tmp", cold: bool = 
                 say(f"{size} GB {cache:<4} {method:<28} {secs:7.2f} s {r['gbps']:6.2f} GB/s"
                     + ("" if good is not False else "  MISMATCH"))
 
-            def measure(method: str, fn: Callable[[], Any], files: Sequence[str], **extra: Any) -> None:
-                for cache in (["cold"] if cold else []) + ["warm"]:
+            def measure(method: str, fn: Callable[[], Any], files: Sequence[str], *, warm_only: bool = False,
+                        **extra: Any) -> None:
+                for cache in (["cold"] if cold and not warm_only else []) + ["warm"]:
                     if cache == "cold" and not drop_caches():
                         continue
                     if cache == "warm":
-                        _warm(files)
+                        warm(files)
                     try:
                         secs, cpu, out = _timed(fn, torch)
                     except Exception as e:  # noqa: BLE001 - one failing method must not end the run
@@ -201,21 +194,16 @@ def run(sizes: Sequence[float] = (1.2, 16), dir: str = "/var/tmp", cold: bool = 
 
             measure("dynsnap pipeline", lambda: weights.load(ws, device="cuda:0", path="pipeline"), shard_paths)
             if size == max(sizes):
-                def sweep(method: str, fn: Callable[[], Any], **extra: Any) -> None:
-                    _warm(shard_paths)
-                    secs, cpu, out = _timed(fn, torch)
-                    row(method, "warm", secs, cpu, _check(out, gpu_src, torch, probe), sweep=True, **extra)
-                    del out
-                    gc.collect()
-                    torch.cuda.empty_cache()
-                sweep("pipeline, no verify", lambda: weights.load(ws, device="cuda:0", path="pipeline",
-                                                                   verify=False), verified=False)
+                # where the warm pipeline's time goes: without verification, with fewer threads
+                measure("pipeline, no verify", lambda: weights.load(ws, device="cuda:0", path="pipeline",
+                                                                     verify=False), shard_paths, warm_only=True,
+                        sweep=True, verified=False)
                 for n in sorted({max(1, weights_load.defaults.threads // 4),
                                  max(1, weights_load.defaults.threads // 2)} - {weights_load.defaults.threads}):
                     def at(n: int = n) -> Any:
                         with weights_load.defaults(threads=n):
                             return weights.load(ws, device="cuda:0", path="pipeline")
-                    sweep(f"pipeline, {n} threads", at, threads=n)
+                    measure(f"pipeline, {n} threads", at, shard_paths, warm_only=True, sweep=True, threads=n)
             measure("dynsnap memfd (fill + copy)", lambda: weights.load(ws, device="cuda:0", path="memfd"), shard_paths)
             if kvikio is not None:
                 measure("dynsnap kvikio (tuned)", lambda: weights.load(ws, device="cuda:0", path="kvikio",

@@ -1,11 +1,11 @@
-"""Helpers the benchmarks share: dropping the page cache, CPU time, an optional figure in a table."""
+"""Helpers the benchmarks share: dropping and warming the page cache, CPU time, an optional figure in a table."""
 from __future__ import annotations
 
 import os
 import resource
-from typing import Optional
+from typing import Iterable, Optional
 
-__all__ = ["drop_caches", "cpu_time", "fmt_opt"]
+__all__ = ["drop_caches", "warm", "cpu_time", "fmt_opt"]
 
 
 def drop_caches() -> bool:
@@ -17,6 +17,17 @@ def drop_caches() -> bool:
         return True
     except OSError:
         return False
+
+
+def warm(paths: Iterable[str | os.PathLike]) -> None:
+    """Read files, and every file under directories, through the page cache (a warm-cache run starts here)."""
+    buf = bytearray(16 << 20)
+    for p in paths:
+        files = [os.path.join(r, f) for r, _, fs in os.walk(p) for f in fs] if os.path.isdir(p) else [p]
+        for f in files:
+            with open(f, "rb", buffering=0) as fh:
+                while fh.readinto(buf):
+                    pass
 
 
 def cpu_time(children: bool = False) -> float:

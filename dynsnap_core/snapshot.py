@@ -965,7 +965,7 @@ def _restored_cuda_pids(gpu: dict, tree_pids: list[int], pid_namespace: bool) ->
     if not inside or len(inside) != len(gpu["pids"]):
         raise SnapshotCorrupt("the snapshot's GPU section does not say which processes of its pid namespace use "
                               "CUDA (ns_pids); take the snapshot again with this dynsnap", stage="gpu restore")
-    by_inner = {proc.ns_ids(p)[-1]: p for p in tree_pids if proc.ns_ids(p)}
+    by_inner = {ids[-1]: p for p in tree_pids if (ids := proc.ns_ids(p))}
     missing = [n for n in inside if n not in by_inner]
     if missing:
         raise DynsnapError(f"the restored tree has no process with pid {missing[0]} inside its namespace, which "

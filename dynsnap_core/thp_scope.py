@@ -30,11 +30,8 @@ ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 def current(path: Path = ENABLED) -> Optional[str]:
     """The selected THP mode ("always", "madvise", "never"), or None without THP."""
-    try:
-        text = path.read_text()
-    except OSError:
-        return None
-    return text.split("[", 1)[1].split("]", 1)[0] if "[" in text else text.strip() or None
+    from .memfd import sysfs_selected
+    return sysfs_selected(str(path))
 
 
 def _dir() -> Path:
@@ -48,11 +45,8 @@ def _me() -> str:
 
 def _alive(name: str) -> bool:
     """Whether the holder named ``pid-start-tag`` is a live process (the very one, not a reused pid)."""
-    try:
-        pid, start = (int(x) for x in name.split("-")[:2])
-    except ValueError:
-        return False
-    return proc.start_time(pid) == start and proc.exists(pid)
+    from .journal import _same
+    return _same(name.split("-")[:2])
 
 
 class _Locked:
