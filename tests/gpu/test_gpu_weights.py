@@ -64,7 +64,7 @@ def test_memfd_from_memory_service(stored, tmp_path):
     from dynsnap_core import memsvc
     src, store, _ws = stored
     sock = str(tmp_path / "memsvc.sock")
-    svc = memsvc.MemoryService(sock)
+    svc = memsvc.MemoryService(sock, allow=[store])   # the service opens files only under roots it is given
     svc.bind()
     svc.start()
     try:
