@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from dynsnap_core import bench_memfd
+from dynsnap_core.bench import memfd as bench_memfd
 
 SIZE = 64 << 20
 

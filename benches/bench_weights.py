@@ -5,7 +5,8 @@ import pytest
 
 np = pytest.importorskip("numpy")
 
-from dynsnap_core import bench_weights, weights  # noqa: E402
+from dynsnap_core import weights  # noqa: E402
+from dynsnap_core.bench import weights as bench_weights  # noqa: E402
 
 SIZE_GB = 0.02   # a Qwen3-0.6B-shaped set with the layer count cut down
 

@@ -38,7 +38,7 @@ def run_dir() -> Path:
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg:
         return Path(xdg) / "dynsnap"
-    from .snapshot import default_home
+    from .snapshot.restore import default_home
     return default_home() / "run"
 
 

@@ -83,7 +83,7 @@ else
     note "build: FAILED (tail of $OUT/build.log below)"
     tail -30 "$OUT/build.log"
 fi
-kv=$($PY -c 'from dynsnap_core import weights_load as w
+kv=$($PY -c 'from dynsnap_core.weights import loader as w
 k = w._kvikio()
 mode = ("compat mode" if w._kvikio_compat(k) else "GDS") if k else ""
 print(k.__version__ + " (" + mode + ")" if k else "not installed")' 2>&1 | tail -1)
@@ -152,7 +152,7 @@ if [[ $want_weights == 1 ]]; then
     rc_weights=$?
     $PY - "$OUT/bench-weights.json" <<'PYEOF' >"$OUT/bench-weights.txt" 2>&1 || rc_weights=1
 import json, sys
-from dynsnap_core import bench_weights
+from dynsnap_core.bench import weights as bench_weights
 res = json.load(open(sys.argv[1]))
 print(bench_weights.format_table(res))
 bad = [r for r in res["rows"] if "error" in r or r.get("bit_exact") is False]
@@ -169,7 +169,7 @@ if [[ $want_e2e == 1 ]]; then
     rc_e2e=$?
     $PY - "$OUT/bench-e2e.json" <<'PYEOF' >"$OUT/bench-e2e.txt" 2>&1 || rc_e2e=1
 import json, sys
-from dynsnap_core import bench_e2e
+from dynsnap_core.bench import e2e as bench_e2e
 res = json.load(open(sys.argv[1]))
 print(bench_e2e.format_table(res))
 sys.exit(0 if all(r["tokens_match"] for r in res["rows"]) else 1)
@@ -206,7 +206,7 @@ fi
         echo
         $PY - "$OUT/bench-weights.json" <<'PYEOF'
 import json, sys
-from dynsnap_core import bench_weights
+from dynsnap_core.bench import weights as bench_weights
 print(bench_weights.format_markdown(json.load(open(sys.argv[1]))))
 PYEOF
     fi

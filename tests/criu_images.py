@@ -71,7 +71,7 @@ def reseal(snapshot: Path, *changed: Path) -> None:
     """Re-record the size and checksum of ``changed`` files in the manifest (and its root digest), as a hostile
     editor would, so that verification passes and CRIU sees the edited bytes."""
     from dynsnap_core import io as dio
-    from dynsnap_core import manifest as mf
+    from dynsnap_core.snapshot import manifest as mf
     m = json.loads((snapshot / "manifest.json").read_text())
     for path in changed:
         rel = str(path.relative_to(snapshot))

@@ -112,7 +112,7 @@ class Workload:
 def write_manifest(snapshot: Path, m: dict) -> None:
     """Rewrite a snapshot's manifest.json as dynsnap would (sealed with a fresh root digest): for tests that
     change what a manifest says on purpose, not to damage it."""
-    from dynsnap_core import manifest as mf
+    from dynsnap_core.snapshot import manifest as mf
     (snapshot / "manifest.json").write_text(json.dumps(mf.seal(m), indent=2, sort_keys=True))
 
 

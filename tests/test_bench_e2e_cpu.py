@@ -11,7 +11,7 @@ pytestmark = [pytest.mark.criu]
 
 
 def test_stock_and_dynsnap_rows_restore_the_same_tokens(tmp_path, home):
-    from dynsnap_core import bench_e2e
+    from dynsnap_core.bench import e2e as bench_e2e
     res = bench_e2e.run("tiny", device="cpu", kv_gb=0.05, dir=str(tmp_path), cold=False, max_new=8,
                         rows=["stock criu + driver, KV freed", "dynsnap, KV released"])
     assert [(r["row"], r["cache"]) for r in res["rows"]] == [("stock criu + driver, KV freed", "warm"),

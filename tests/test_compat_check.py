@@ -27,7 +27,7 @@ def _facts(r: subprocess.CompletedProcess) -> dict:
 
 def _edit(snap: Path, fn) -> None:
     """Change the manifest's facts and seal it again (its root digest covers every field)."""
-    from dynsnap_core import manifest as mf
+    from dynsnap_core.snapshot import manifest as mf
     m = json.loads((snap / "manifest.json").read_text())
     fn(m)
     (snap / "manifest.json").write_text(json.dumps(mf.seal(m)))

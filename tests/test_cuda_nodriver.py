@@ -104,7 +104,7 @@ def test_device_map_parsing():
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dynsnap_core.cuda_cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "dynsnap_core.cuda.cli", *args], capture_output=True, text=True,
                           cwd=ROOT, env=_env(), timeout=60)
 
 
@@ -155,7 +155,7 @@ def test_cli_help():
 
 
 def test_main_callable_in_process(sleeper, capsys):
-    from dynsnap_core.cuda_cli import main
+    from dynsnap_core.cuda.cli import main
     assert main(["--pid", str(sleeper), "--get-state"]) == 1
     out, err = capsys.readouterr()
     assert out == "" and len(err.splitlines()) == 1
@@ -174,7 +174,7 @@ def test_bindings_hidden():
             "    print(e)\n"
             "finally:\n"
             "    p.kill(); p.wait()\n"
-            "from dynsnap_core.cuda_cli import main\n"
+            "from dynsnap_core.cuda.cli import main\n"
             "sys.exit(main(['--get-state', '--pid', str(__import__('os').getpid())]))\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=_env(),
                        timeout=60)

@@ -5,7 +5,8 @@ import json
 
 import numpy as np
 
-from dynsnap_core import formats, manifest, memsvc, weights
+from dynsnap_core import formats, memsvc, weights
+from dynsnap_core.snapshot import manifest
 from helpers import cli
 
 

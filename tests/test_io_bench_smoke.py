@@ -1,10 +1,10 @@
-"""Smoke test of dynsnap_core.bench_io at a tiny size: structure only, never timings."""
+"""Smoke test of dynsnap_core.bench.io at a tiny size: structure only, never timings."""
 from __future__ import annotations
 
 import json
 import os
 
-from dynsnap_core import bench_io
+from dynsnap_core.bench import io as bench_io
 
 
 def test_bench_io_runs_small(tmp_path):

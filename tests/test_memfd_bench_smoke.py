@@ -1,10 +1,11 @@
-"""Smoke test of dynsnap_core.bench_memfd at a tiny size: structure only, never timings."""
+"""Smoke test of dynsnap_core.bench.memfd at a tiny size: structure only, never timings."""
 from __future__ import annotations
 
 import json
 import os
 
-from dynsnap_core import bench_memfd, memfd
+from dynsnap_core import memfd
+from dynsnap_core.bench import memfd as bench_memfd
 from helpers import cli
 
 

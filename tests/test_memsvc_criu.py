@@ -8,7 +8,7 @@ import pytest
 
 import dynsnap_core
 from dynsnap_core import memfd, memsvc
-from dynsnap_core.weightdir import WeightDir
+from dynsnap_core.weights.store import WeightDir
 
 from test_memsvc_service import client_proc, load_ready, service  # noqa: F401  (fixtures)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from dynsnap_core import memfd, memsvc
-from dynsnap_core.weightdir import WeightDir
+from dynsnap_core.weights.store import WeightDir
 from helpers import kill_proc, request_json, wait_ready
 
 HERE = Path(__file__).parent

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from dynsnap_core import bench_restore
+from dynsnap_core.bench import restore as bench_restore
 
 pytestmark = pytest.mark.criu
 

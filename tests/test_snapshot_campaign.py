@@ -153,7 +153,7 @@ def _mutate(rng: random.Random, snap: Path) -> tuple[str, bool]:
     f = rng.choice(m["files"])
     m["files"].remove(f)
     m["total_bytes"] -= f["size"]
-    from dynsnap_core import manifest as mf
+    from dynsnap_core.snapshot import manifest as mf
     (snap / "manifest.json").write_text(json.dumps(mf.seal(m)))
     return f"unlist {f['path']} (re-sealed)", False
 

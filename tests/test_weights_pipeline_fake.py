@@ -34,7 +34,8 @@ CHILD = textwrap.dedent('''
     import ctypes, os, sys
     import numpy as np
     sys.modules["torch"] = None          # the no-torch code path: DeviceArray results
-    from dynsnap_core import weights as W, weights_load as WL
+    from dynsnap_core import weights as W
+    from dynsnap_core.weights import loader as WL
     store = sys.argv[1]
     rng = np.random.default_rng(7)
     sd = {"a": rng.standard_normal((1000, 37)).astype(np.float32),

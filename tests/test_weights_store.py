@@ -185,7 +185,7 @@ def test_safetensors_malformed(tmp_path):
 
 
 def test_gpu_path_without_gpu_is_clear(tmp_path):
-    from dynsnap_core import weights_load as WL
+    from dynsnap_core.weights import loader as WL
     ok, why = WL.gpu_available()
     if ok:
         pytest.skip("this machine has a GPU")
@@ -226,7 +226,7 @@ def test_cli_import_verify_ls(tmp_path):
 def test_bench_weights_without_gpu_says_one_line():
     import subprocess
     import sys
-    from dynsnap_core import weights_load as WL
+    from dynsnap_core.weights import loader as WL
     if WL.gpu_available()[0]:
         pytest.skip("this machine has a GPU")
     r = subprocess.run([sys.executable, "-m", "dynsnap_core.cli", "bench", "weights"], capture_output=True,
@@ -236,7 +236,7 @@ def test_bench_weights_without_gpu_says_one_line():
 
 
 def test_model_shapes_are_realistic():
-    from dynsnap_core.bench_weights import model_shapes
+    from dynsnap_core.bench.weights import model_shapes
     small = model_shapes(1.2)
     big = model_shapes(16)
     gb = lambda shapes: sum(2 * int(np.prod(s)) for _n, s in shapes) / 1e9  # noqa: E731
@@ -246,7 +246,7 @@ def test_model_shapes_are_realistic():
 
 def test_bench_weights_targets_read_the_largest_set():
     """The targets table of `bench weights` (gpu-check's summary) from a result: ratios, limit, kvikio rows."""
-    from dynsnap_core import bench_weights as bw
+    from dynsnap_core.bench import weights as bw
     row = lambda size, cache, method, gbps, **kw: {"size_gb": size, "bytes": int(gbps * 1e9), "tensors": 1,  # noqa: E731
                                                    "method": method, "cache": cache, "seconds": 1.0,
                                                    "cpu_seconds": 1.0, "gbps": gbps, "bit_exact": True, **kw}

@@ -70,7 +70,7 @@ class Agent:
     def _after_restart(self, job: Job) -> None:
         """An earlier agent died during ``job``: its staging is gone (cleaned above), its partial upload is removed
         from the bucket, and the job's message says whether a snapshot was committed before the agent died."""
-        from .. import manifest as mf
+        from ..snapshot import manifest as mf
         msg = job.error["message"] if job.error else "the agent stopped while this job ran"
         name = job.request.get("name")
         kept = ""

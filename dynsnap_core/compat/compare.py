@@ -276,7 +276,7 @@ def _paths(compat: Optional[dict]) -> Fact:
 
 
 def _images(path: Path, m: dict) -> Fact:
-    from .. import manifest as mf
+    from ..snapshot import manifest as mf
     try:
         mf.check_sizes(path, m)
     except SnapshotCorrupt as e:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 from urllib.parse import urlparse
 
-from .. import manifest as mf
+from ..snapshot import manifest as mf
 from ..durable import fsync_path
 from ..errors import DynsnapError, SnapshotCorrupt, SnapshotExists, SnapshotNotFound, StorageError
 from . import NAME

@@ -99,7 +99,7 @@ class Worker:
             return ""
 
     def request(self, cmd: str, timeout: float = 300.0) -> str:
-        from dynsnap_core.demo_worker import request   # the same line protocol as the demo worker
+        from dynsnap_core.demo.worker import request   # the same line protocol as the demo worker
         reply = request("\0" + self.sock[1:], cmd, timeout, bufsize=65536)
         if reply.startswith("error"):
             raise RuntimeError(f"worker answered {reply!r} to {cmd!r}")
@@ -147,7 +147,7 @@ def run_cli(*args: str, env: Optional[dict] = None, timeout: float = 900.0) -> s
 def run_cuda_cli(*args: str, timeout: float = 600.0) -> subprocess.CompletedProcess:
     e = dict(os.environ)
     e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-m", "dynsnap_core.cuda_cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "dynsnap_core.cuda.cli", *args], capture_output=True, text=True,
                           cwd=ROOT, env=e, timeout=timeout)
 
 

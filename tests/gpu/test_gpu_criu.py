@@ -113,7 +113,7 @@ def test_worker_in_its_own_pid_namespace(tmp_path, restored):
 
     import dynsnap_core.cuda as cuda
     from dynsnap_core import proc
-    from dynsnap_core.demo_worker import request
+    from dynsnap_core.demo.worker import request
     from dynsnap_core.launch import launch
     from gpu_helpers import WORKER, report_fact
 

@@ -5,7 +5,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from dynsnap_core import weights as W, weights_load as WL  # noqa: E402
+from dynsnap_core import weights as W  # noqa: E402
+from dynsnap_core.weights import loader as WL  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 

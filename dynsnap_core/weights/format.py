@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
-from . import memfd
-from .errors import DynsnapError, SnapshotCorrupt
-from .weightdir import WeightDir, default_store, publish
+from .. import memfd
+from ..errors import DynsnapError, SnapshotCorrupt
+from .store import WeightDir, default_store, publish
 
 __all__ = [
     "MAGIC", "FORMAT_VERSION", "ALIGN", "DEFAULT_SHARD_BYTES", "DTYPE_SIZES", "WeightsError",
@@ -261,7 +261,7 @@ def _host_bytes(name: str, value: Any) -> tuple[str, list[int], memoryview, Any]
                 raise TypeError(f"tensor {name!r}: only C-contiguous CUDA arrays can be saved")
         buf = bytearray(n)
         if n:
-            from .weights_load import _device
+            from .loader import _device
             _device(0).dtoh(buf, int(cai["data"][0]))
         return dt, shape, memoryview(buf), buf
     try:
@@ -609,13 +609,13 @@ def list_sets(store: Any = None) -> list[dict]:
 def load(ref: Any, device: str = "cuda:0", into: Optional[Mapping[str, Any]] = None, path: str = "auto",
          **kw: Any) -> "Loaded":
     """Load a weight set into GPU (or host) memory; see ``dynsnap_core.weights_load.load``."""
-    from .weights_load import load as _load
+    from .loader import load as _load
     return _load(ref, device=device, into=into, path=path, **kw)
 
 
 def __getattr__(name: str) -> Any:
     if name == "Loaded":
-        from .weights_load import Loaded
+        from .loader import Loaded
         return Loaded
     raise AttributeError(name)
 

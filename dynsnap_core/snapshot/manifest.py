@@ -9,9 +9,9 @@ import stat
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .durable import fsync_path
-from .errors import SnapshotCorrupt, SnapshotNotFound
-from .formats import SNAPSHOT_MANIFEST as _KIND
+from ..durable import fsync_path
+from ..errors import SnapshotCorrupt, SnapshotNotFound
+from ..formats import SNAPSHOT_MANIFEST as _KIND
 
 __all__ = ["MAGIC", "FORMAT_VERSION", "MANIFEST_NAME", "CHECKSUM", "write", "read", "verify_files",
            "check_sizes", "check_closed", "seal", "root_digest", "is_bulk", "MAX_MANIFEST_BYTES", "MAX_FILES"]
@@ -351,7 +351,7 @@ def verify_files(directory: Path, manifest: dict, *, engine: str = "auto", direc
     import concurrent.futures as cf
     import threading
 
-    from . import io as dio
+    from .. import io as dio
 
     directory = Path(directory)
     if closed:

@@ -47,7 +47,7 @@ def answer(layers: list[bytes], index: dict[int, int], k: int) -> str:
 
 def to_region(service: str, layers: list[bytes]) -> tuple[list, object, object]:
     """Move the state into a memory-service region (mapped at a fixed address); layers become views into it."""
-    from . import memsvc
+    from .. import memsvc
     client = memsvc.Client(service)
     size = sum(map(len, layers))
 
@@ -89,7 +89,7 @@ def serve(path: str, layers: list, index: dict[int, int], ready: str | None, svc
             elif words[0] == "ping":
                 reply = "pong"
             elif words[0] in ("detach", "attach") and svc is not None:
-                from . import memsvc        # quiesce / resume: the region leaves / re-enters the address space
+                from .. import memsvc        # quiesce / resume: the region leaves / re-enters the address space
                 (memsvc.quiesce if words[0] == "detach" else memsvc.resume)([svc[1]], svc[0])
                 reply = "ok"
             else:

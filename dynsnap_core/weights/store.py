@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from . import memfd
-from .durable import fsync_path
+from .. import memfd
+from ..durable import fsync_path
 
 __all__ = ["WeightDir", "StoredRegion", "default_store"]
 
@@ -27,7 +27,7 @@ def default_store() -> Path:
     env = os.environ.get("DYNSNAP_WEIGHTS")
     if env:
         return Path(env)
-    from .snapshot import default_home
+    from ..snapshot.restore import default_home
     return default_home() / "weights"
 
 

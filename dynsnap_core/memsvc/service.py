@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
-from . import memfd
-from .errors import DynsnapError, SnapshotCorrupt
+from .. import memfd
+from ..errors import DynsnapError, SnapshotCorrupt
 
 __all__ = [
     "MemsvcError", "MemoryService", "Client", "Attachment", "quiesce", "resume", "spawn",
@@ -94,8 +94,8 @@ def _group_id(group: str | int) -> int:
 
 def _allowed_roots(extra: Iterable[str | os.PathLike]) -> list[str]:
     """The directories the service may open files in: the weight store, the snapshot root, and ``extra``."""
-    from .snapshot import snapshots_root
-    from .weightdir import default_store
+    from ..snapshot.restore import snapshots_root
+    from ..weights.store import default_store
     roots = [default_store(), snapshots_root(), *extra]
     return sorted({os.path.realpath(str(r)) for r in roots})
 
@@ -514,7 +514,7 @@ class MemoryService:
             return {"ok": True}, []
 
     def _op_save(self, req: dict, cid: int) -> tuple[dict, list[int]]:
-        from .weightdir import WeightDir
+        from ..weights.store import WeightDir
         names = req.get("names")
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise _Refuse("bad_request", "save needs 'names': [str]")
@@ -623,7 +623,7 @@ class Client:
 
     def save(self, names: list[str], store: str | os.PathLike | None = None) -> dict:
         """Store regions in a content-addressed weight directory (the service writes them); name -> entry."""
-        from .weightdir import default_store
+        from ..weights.store import default_store
         return self.request({"op": "save", "names": names, "store": str(store or default_store())})[0]["regions"]
 
     def shutdown(self) -> None:
@@ -776,7 +776,7 @@ def spawn(socket_path: str | os.PathLike, *, threads: Optional[int] = None, log:
 
 def read_regions(snapshot_dir: str | os.PathLike) -> Optional[dict]:
     """The snapshot's regions kept outside the image (the manifest's ``weights`` entry), or None."""
-    from . import manifest as mf
+    from ..snapshot import manifest as mf
     m = mf.read(Path(snapshot_dir))
     meta = m.get("weights")
     if meta is None:
@@ -794,8 +794,8 @@ def checkpoint_with_regions(pid: int, out: str | os.PathLike | None, *, service:
     """Store ``regions`` once in the weight directory (by content), let the worker detach, CRIU-checkpoint it,
     and record the regions in the snapshot's manifest (entry ``weights``, committed atomically with the rest).
     Returns the Snapshot."""
-    from .snapshot import checkpoint
-    from .weightdir import WeightDir
+    from ..snapshot.restore import checkpoint
+    from ..weights.store import WeightDir
     wd = WeightDir(store)
     t0 = time.perf_counter()
     with Client(service) as c:
@@ -813,8 +813,8 @@ def restore_with_regions(path: str | os.PathLike, *, service: str | os.PathLike,
                          store: str | os.PathLike | None = None, **kw: Any):
     """Ask the service to load the snapshot's regions (parallel memfd restore, in the service) and run the
     CRIU restore at the same time. The restored worker re-attaches (waiting until its regions are ready)."""
-    from .snapshot import restore
-    from .weightdir import WeightDir
+    from ..snapshot.restore import restore
+    from ..weights.store import WeightDir
     meta = read_regions(path)
     with Client(service) as c:
         c.ping()                     # a service that cannot be reached is said before anything is restored

@@ -23,8 +23,8 @@ import shutil
 import time
 from typing import Any, Callable, Optional, Sequence
 
-from .benchutil import cpu_time, drop_caches, warm
-from .errors import DynsnapError
+from .util import cpu_time, drop_caches, warm
+from ..errors import DynsnapError
 
 __all__ = ["run", "format_table", "format_markdown", "targets", "model_shapes"]
 
@@ -77,7 +77,7 @@ def _h2d_limit(torch: Any, nbytes: int = 1 << 30) -> float:
 
 def _disk_limit(paths: Sequence[str], cap: int = 4 << 30) -> Optional[float]:
     """O_DIRECT read bandwidth over (up to ``cap`` bytes of) the shards, page cache dropped first."""
-    from . import io as dio
+    from .. import io as dio
     if not drop_caches():
         return None
     total, t0 = 0, time.perf_counter()
@@ -91,8 +91,8 @@ def _disk_limit(paths: Sequence[str], cap: int = 4 << 30) -> Optional[float]:
 def _pagecache_limit(paths: Sequence[str], threads: int) -> float:
     """Page cache -> pinned memory with ``threads`` readers, best of three (warmed first): the storage side of
     the warm limit, measured with the pipeline's own reader and ring, nothing copied to the GPU."""
-    from . import io as dio
-    from . import weights_load
+    from .. import io as dio
+    from ..weights import loader as weights_load
     for p in paths:                                    # warm
         dio.hash_file(p, direct=False)
     best = 0.0
@@ -113,7 +113,8 @@ def _check(loaded: Any, src: dict, torch: Any, names: Sequence[str]) -> bool:
 def run(sizes: Sequence[float] = (1.2, 16), dir: str = "/var/tmp", cold: bool = True,
         progress: Optional[Callable[[str], None]] = None) -> dict:
     """Run the benchmark; returns a JSON-able dict with machine, limits and one row per measurement."""
-    from . import weights, weights_load
+    from .. import weights
+    from ..weights import loader as weights_load
     say = progress or (lambda s: None)
     ok, why = weights_load.gpu_available()
     if not ok:

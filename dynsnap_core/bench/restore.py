@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from . import proc
-from .benchutil import drop_caches, warm
-from .criu import find_criu, require_privilege
-from .demo_worker import request
-from .snapshot import checkpoint, default_home, restore
+from .. import proc
+from .util import drop_caches, warm
+from ..criu import find_criu, require_privilege
+from ..demo.worker import request
+from ..snapshot.restore import checkpoint, default_home, restore
 
 __all__ = ["run", "format_table"]
 
@@ -35,7 +35,7 @@ BASELINE = METHODS[-1]
 def _start_worker(work: Path, mb: int) -> tuple[subprocess.Popen, Path]:
     sock, ready = work / "w.sock", work / "ready"
     log = open(work / "worker.log", "wb")
-    p = subprocess.Popen([sys.executable, "-m", "dynsnap_core.demo_worker", "--socket", str(sock), "--mb", str(mb),
+    p = subprocess.Popen([sys.executable, "-m", "dynsnap_core.demo.worker", "--socket", str(sock), "--mb", str(mb),
                           "--rounds", "1", "--ready", str(ready)], stdin=subprocess.DEVNULL, stdout=log,
                          stderr=log, start_new_session=True, cwd=work,
                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})

@@ -41,7 +41,7 @@ def _checkpoint_restore() -> Check:
 
 
 def _privilege() -> Check:
-    from .criu import has_checkpoint_privilege
+    from ..criu import has_checkpoint_privilege
     if has_checkpoint_privilege():
         who = "root" if os.geteuid() == 0 else "CAP_CHECKPOINT_RESTORE"
         return Check("privilege", "ok", f"running as {who}")
@@ -56,7 +56,7 @@ def _io_uring() -> Check:
         disabled = None
     engines: list[str] = []
     try:
-        from . import io as dio
+        from .. import io as dio
         engines = dio.available_engines()
     except ImportError as e:
         return Check("io engines", "missing", f"C extension not built ({e})", "pip install .")
@@ -75,7 +75,7 @@ def _memfd() -> Check:
         os.close(fd)
     except (OSError, AttributeError) as e:
         return Check("memfd", "missing", f"memfd_create failed: {e}", "Linux >= 3.17 with memfd")
-    from .memfd import THP_DIR, shmem_thp
+    from ..memfd import THP_DIR, shmem_thp
     t = shmem_thp()
     if t["shmem_enabled"] is None:
         return Check("memfd", "info", "memfd_create ok; no transparent huge pages in this kernel: memfd fill "
@@ -89,7 +89,7 @@ def _memfd() -> Check:
 
 
 def _thp() -> Check:
-    from .memfd import THP_DIR, hugetlb_pages, sysfs_selected
+    from ..memfd import THP_DIR, hugetlb_pages, sysfs_selected
     h = hugetlb_pages()
     try:
         fd = os.memfd_create("dynsnap-doctor-huge", os.MFD_CLOEXEC | getattr(os, "MFD_HUGETLB", 4))
@@ -124,8 +124,8 @@ def _userfaultfd() -> Check:
 
 
 def _criu() -> Check:
-    from .criu import find_criu
-    from .errors import CriuUnavailable
+    from ..criu import find_criu
+    from ..errors import CriuUnavailable
     try:
         c = find_criu()
     except CriuUnavailable as e:
@@ -143,11 +143,11 @@ def _cuda() -> list[Check]:
     rows = []
     probe = None
     try:
-        from ._lib import _cudaprobe  # type: ignore
+        from .._lib import _cudaprobe  # type: ignore
         probe = _cudaprobe.probe()
     except ImportError:
         pass
-    from . import cuda
+    from .. import cuda
     info = cuda.driver_info()
     if info.get("available"):
         ver = info.get("driver_version") or 0
@@ -174,7 +174,7 @@ def _kvikio() -> Check:
         return Check("kvikio/GDS", "missing", "kvikio not installed (optional)",
                      "pip install kvikio-cu13 for GPUDirect Storage weight loading")
     try:
-        from . import weights_load
+        from ..weights import loader as weights_load
         kvikio = weights_load._kvikio()
         if kvikio is None:
             raise ImportError("import kvikio failed")

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import DynsnapError
+from ..errors import DynsnapError
 from .ui import Reporter, _human
 
 PROG = "dynsnap"
@@ -40,7 +40,7 @@ def cmd_doctor(a) -> int:
 
 
 def cmd_run(a) -> int:
-    from .launch import launch
+    from ..launch import launch
     cmd = a.argv[1:] if a.argv[:1] == ["--"] else a.argv
     pid = launch(cmd, log=a.log, cwd=a.cwd)
     if a.json:
@@ -51,12 +51,12 @@ def cmd_run(a) -> int:
 
 
 def cmd_checkpoint(a) -> int:
-    from .snapshot import checkpoint
+    from ..snapshot.restore import checkpoint
     with Reporter(quiet=a.json) as rep:
         kw = dict(leave_running=a.leave_running, cuda_lock_timeout_ms=a.timeout_ms, progress=rep.update,
                   log=rep.say)
         if a.memsvc:
-            from .memsvc import checkpoint_with_regions
+            from ..memsvc.service import checkpoint_with_regions
             if not a.regions:
                 raise DynsnapError("--memsvc needs --regions NAME[,NAME...]: the regions to keep outside the "
                                    "image", stage="preflight")
@@ -89,18 +89,18 @@ def _parse_device_map(text: Optional[str]) -> Optional[dict]:
 
 
 def cmd_restore(a) -> int:
-    from .snapshot import restore
+    from ..snapshot.restore import restore
     with Reporter(quiet=a.json) as rep:
         kw = dict(verify=not a.no_verify, device_map=_parse_device_map(a.device_map), progress=rep.update)
         if a.thp:
             kw["thp"] = True
         if a.memsvc:
-            from .memsvc import restore_with_regions
+            from ..memsvc.service import restore_with_regions
             r = restore_with_regions(a.dir, service=a.memsvc, store=a.weights_store, **kw)
         else:
             src = a.dir
             if str(src).startswith("s3://"):
-                from .storage import fetch
+                from ..storage import fetch
                 src = fetch(src, progress=rep.update)
             r = restore(src, **kw)
     if a.json:
@@ -111,9 +111,9 @@ def cmd_restore(a) -> int:
 
 
 def cmd_check(a) -> int:
-    from .compat import check, format_text
+    from ..compat import check, format_text
     if a.snapshot.startswith("s3://"):
-        from .storage import remote_snapshot
+        from ..storage import remote_snapshot
         rep = check(remote_snapshot(a.snapshot), images=False)
     else:
         rep = check(a.snapshot)
@@ -126,7 +126,7 @@ def cmd_check(a) -> int:
 
 def cmd_agent(a) -> int:
     try:
-        from .agent import Agent, AgentConfig, probe, serve
+        from ..agent import Agent, AgentConfig, probe, serve
     except ImportError as e:
         raise DynsnapError(f"the agent needs its extra: pip install 'dynsnap-core[agent]' ({e})",
                            stage="agent") from None
@@ -145,8 +145,8 @@ def cmd_agent(a) -> int:
 
 
 def cmd_push(a) -> int:
-    from .snapshot import open_snapshot
-    from .storage import open_remote
+    from ..snapshot.restore import open_snapshot
+    from ..storage import open_remote
     snap = open_snapshot(a.snapshot)
     store = open_remote(a.url)
     with Reporter(quiet=a.json) as rep:
@@ -159,7 +159,7 @@ def cmd_push(a) -> int:
 
 
 def cmd_verify(a) -> int:
-    from .snapshot import open_snapshot
+    from ..snapshot.restore import open_snapshot
     t0 = time.perf_counter()
     with Reporter(quiet=a.json) as rep:
         snap = open_snapshot(a.dir)
@@ -184,7 +184,7 @@ def cmd_inspect(a) -> int:
 
 
 def cmd_rm(a) -> int:
-    from .snapshot import remove
+    from ..snapshot.restore import remove
     for target in a.snapshots:
         p = remove(target, force=a.force)
         if not a.quiet:
@@ -193,7 +193,7 @@ def cmd_rm(a) -> int:
 
 
 def cmd_list(a) -> int:
-    from .snapshot import list_snapshots, snapshots_root
+    from ..snapshot.restore import list_snapshots, snapshots_root
     rows = list_snapshots(Path(a.root) if a.root else None)
     if a.json:
         _emit_json(rows)
@@ -215,7 +215,7 @@ def cmd_list(a) -> int:
 
 
 def cmd_demo(a) -> int:
-    from . import demo
+    from ..demo import run as demo
     return demo.main(mb=a.mb, keep=a.keep, as_json=a.json, memsvc=a.memsvc, rounds=a.rounds)
 
 
@@ -235,7 +235,7 @@ def cmd_bench(a) -> int:
     }
     if a.what not in runs:
         raise DynsnapError(f"unknown benchmark {a.what!r}", stage="bench")
-    module = importlib.import_module(f"dynsnap_core.bench_{a.what}")
+    module = importlib.import_module(f"dynsnap_core.bench.{a.what}")
     if getattr(a, "plot", None) and not hasattr(module, "plot"):
         raise DynsnapError(f"--plot is for bench e2e, not bench {a.what}", stage="bench")
     res = runs[a.what](module)
@@ -249,7 +249,7 @@ def cmd_bench(a) -> int:
 
 
 def cmd_weights(a) -> int:
-    from . import weights
+    from .. import weights
     if a.action == "import":
         ws = weights.import_safetensors(a.files, a.name, store=a.store)
         info = {**ws.to_dict(), **ws.meta.get("stats", {})}
@@ -283,7 +283,7 @@ def cmd_weights(a) -> int:
 
 
 def cmd_memsvc(a) -> int:
-    from . import memsvc
+    from .. import memsvc
     return memsvc.main(a.socket, threads=a.threads, quiet=a.quiet, allow=a.allow or (), group=a.group)
 
 
@@ -291,12 +291,12 @@ def _housekeeping() -> None:
     """What every command does first: continue trees that dead checkpoints left frozen (the journal), and remove
     staging that killed runs left in tmpfs. Quiet (a command's stderr stays its own one line), and never the reason
     a command fails."""
-    from .criu import has_checkpoint_privilege
+    from ..criu import has_checkpoint_privilege
     if not has_checkpoint_privilege():
         return
     try:
-        from .journal import recover
-        from .snapshot import clean_stale_staging
+        from ..journal import recover
+        from ..snapshot.restore import clean_stale_staging
         recover()
         clean_stale_staging()
     except (OSError, DynsnapError):
@@ -304,7 +304,7 @@ def _housekeeping() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
     p = _Parser(prog=PROG, description="Checkpoint a warmed-up (GPU) worker and restore it in seconds.")
     p.add_argument("--version", action="version", version=f"dynsnap {__version__}")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
@@ -462,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "cuda-checkpoint":
-        from . import cuda_cli
+        from ..cuda import cli as cuda_cli
         return cuda_cli.main(argv[1:])
     parser = build_parser()
     a = parser.parse_args(argv)

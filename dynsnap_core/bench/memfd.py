@@ -27,7 +27,7 @@ import time
 from typing import Any, Callable, Optional, Sequence
 
 from dynsnap_core import memfd
-from dynsnap_core.benchutil import cpu_time, drop_caches, fmt_opt
+from dynsnap_core.bench.util import cpu_time, drop_caches, fmt_opt
 
 __all__ = ["run", "format_table", "thread_counts"]
 

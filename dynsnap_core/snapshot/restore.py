@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from . import criu_images, thp_scope
+from .. import criu_images, thp_scope
 from . import manifest as mf
-from . import proc
-from .criu import find_criu, require_privilege, run_limits
-from .durable import fsync_path, tree_bytes
-from .guardian import Guardian
-from .journal import Entry, TreeLock, recover, restore_entry, traced_by
-from .errors import (CriuError, CudaDeviceMismatch, CudaUnavailable, DynsnapError, InvalidArgument, InvalidTarget,
+from .. import proc
+from ..criu import find_criu, require_privilege, run_limits
+from ..durable import fsync_path, tree_bytes
+from ..guardian import Guardian
+from ..journal import Entry, TreeLock, recover, restore_entry, traced_by
+from ..errors import (CriuError, CudaDeviceMismatch, CudaUnavailable, DynsnapError, InvalidArgument, InvalidTarget,
                      SnapshotCorrupt,
                      SnapshotExists,
                      SnapshotNotFound, StorageError)
@@ -43,7 +43,7 @@ Progress = Optional[Callable[[str, int, int], Any]]   # (phase, done, total)
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
     return __version__
 
 
@@ -251,7 +251,7 @@ def _check_path_arg(v: Any, name: str) -> None:
 
 
 def _check_engine_arg(engine: Any) -> None:
-    from .io import ENGINES
+    from ..io import ENGINES
     if not isinstance(engine, str) or (engine != "auto" and engine not in ENGINES):
         raise InvalidArgument(f"unknown I/O engine {engine!r}: use auto or one of {', '.join(ENGINES)}",
                               stage="preflight")
@@ -302,7 +302,7 @@ def choose_dump_dir(target_parent: Path, estimate: int, mode: Optional[str] = No
 
 
 def _gpu_facts() -> dict:
-    from . import cuda
+    from .. import cuda
     try:
         info = cuda.driver_info()
         devs = cuda.devices() if info.get("available") else []
@@ -395,7 +395,7 @@ def _checkpoint_locked(pid: int, pids: list[int], out: Path, parent: Path, criu,
     mount_namespace = proc.mount_namespace(pid) == "own"   # ... and a fresh mount namespace with its own /proc
     if log and proc.has_tty(pid):
         log(f"note: pid {pid} has a terminal on its stdio; its snapshot can only be restored from a terminal")
-    from .compat import facts as _facts
+    from ..compat import facts as _facts
     compat = _facts.collect(pids, host_rss=rss)     # what a restoring node must offer (before anything freezes)
     # A process its user stopped (SIGSTOP, Ctrl-Z) stays stopped whatever happens: only the others are continued.
     user_stopped = [p for p in pids if proc.state(p) in ("T", "t")]
@@ -418,7 +418,7 @@ def _checkpoint_locked(pid: int, pids: list[int], out: Path, parent: Path, criu,
         with _deferred_signals(sigstate):
             # GPU: which processes of the tree use CUDA (the driver says), lock all, then checkpoint all.
             gpu: dict = {}
-            from . import cuda
+            from .. import cuda
             if cuda.is_available():
                 cpids = cuda.cuda_pids(pids)
                 if cpids:
@@ -614,7 +614,7 @@ def _rollback(pids: list[int], frozen: bool, cuda_tree) -> None:
 
 def _persist(dump_dir: Path, dump_where: str, staging: Path, engine: str, progress: Progress,
              sigstate: dict) -> tuple[list[dict], str]:
-    from . import io as dio
+    from .. import io as dio
 
     def cb(done: int, total: int) -> None:
         if progress:
@@ -660,7 +660,7 @@ def _check_devices(m: dict) -> None:
     gpu = m.get("cuda")
     if not gpu:
         return
-    from . import cuda
+    from .. import cuda
     if not cuda.is_available():
         reason = cuda.driver_info().get("reason") or "no CUDA driver with the checkpoint API"
         raise CudaUnavailable(f"this snapshot holds GPU state but this machine cannot restore it: {reason}",
@@ -681,7 +681,7 @@ PREFETCH_MODES = ("pagecache", "tmpfs")
 def _prefetch_tmpfs(snap: Snapshot, engine: str, verify: bool) -> tuple[Path, float]:
     """Copy the CRIU images into tmpfs with the C engine (O_DIRECT reads, inline xxh3), checking every
     checksum against the manifest on the way; return the tmpfs directory CRIU then restores from."""
-    from . import io as dio
+    from .. import io as dio
     tmpfs = _tmpfs_dir()
     if tmpfs is None:
         raise StorageError("restore prefetch 'tmpfs' needs a writable tmpfs (/dev/shm or $DYNSNAP_TMPFS)",
@@ -757,7 +757,7 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
     clean_stale_staging()
     snap = open_snapshot(path)
     m = snap.manifest
-    from .compat import require as _require_compatible
+    from ..compat import require as _require_compatible
     _require_compatible(snap)       # every fact the snapshot needs, before anything is touched
     criu = find_criu()
     _check_devices(m)
@@ -881,7 +881,7 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
             proc.kill_tree(tree_pids, signal.SIGCONT)
             gpu = m.get("cuda")
             if gpu and gpu.get("pids"):
-                from . import cuda
+                from .. import cuda
                 ctree = cuda.CudaTree(_restored_cuda_pids(gpu, tree_pids, bool(m.get("pid_namespace"))))
                 if progress:
                     progress("gpu restore", 0, 1)
@@ -948,7 +948,7 @@ def _foreign_entry(p: Path) -> Optional[str]:
 
 def _check_copy(copy: Path, snap_dir: Path, m: dict) -> None:
     """A copy of a snapshot's criu/files.img matches the manifest's size and checksum (SnapshotCorrupt if not)."""
-    from . import io as dio
+    from .. import io as dio
     want = next((f for f in m.get("files", []) if f.get("path") == "criu/files.img"), None)
     got = dio.hash_file(str(copy), direct=False)
     if want is None or got.size != want["size"] or got.xxh3 != want["xxh3"]:

@@ -13,12 +13,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from . import proc
-from .demo_worker import request
-from .errors import DynsnapError
-from .launch import launch
-from .snapshot import checkpoint, default_home, restore
-from .ui import Reporter, _human
+from .. import proc
+from .worker import request
+from ..errors import DynsnapError
+from ..launch import launch
+from ..snapshot.restore import checkpoint, default_home, restore
+from ..cli.ui import Reporter, _human
 
 __all__ = ["main", "run"]
 
@@ -44,14 +44,14 @@ def run(mb: int = 512, keep: bool = False, rep: Reporter | None = None, memsvc: 
     base.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="run-", dir=base))
     sock, ready, snapdir = work / "worker.sock", work / "ready", work / "snapshot"
-    cmd = [sys.executable, "-m", "dynsnap_core.demo_worker", "--socket", str(sock), "--mb", str(mb),
+    cmd = [sys.executable, "-m", "dynsnap_core.demo.worker", "--socket", str(sock), "--mb", str(mb),
            "--rounds", str(rounds), "--ready", str(ready)]
     log = open(work / "worker.log", "wb")
     restored_pid = None
     worker = None
     svc = None
     if memsvc:
-        from . import memsvc as ms
+        from .. import memsvc as ms
         svc_sock = work / "memsvc.sock"
         svc_log = open(work / "memsvc.log", "wb")     # not the worker's log: CRIU checks that file's size
         svc = ms.spawn(svc_sock, log=svc_log, allow=[work])

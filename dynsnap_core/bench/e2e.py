@@ -27,10 +27,10 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from . import proc
-from .benchutil import drop_caches, warm
-from .durable import tree_bytes
-from .errors import DynsnapError
+from .. import proc
+from .util import drop_caches, warm
+from ..durable import tree_bytes
+from ..errors import DynsnapError
 
 __all__ = ["run", "format_table", "plot", "ROWS"]
 
@@ -74,7 +74,7 @@ class _Run:
         self.n = 0
 
     def worker_cmd(self, sock: str, ready: str) -> list[str]:
-        return [sys.executable, "-m", "dynsnap_core.e2e_worker", "--model", self.model, "--weights",
+        return [sys.executable, "-m", "dynsnap_core.demo.llm_worker", "--model", self.model, "--weights",
                 self.weights_dir, "--sock", sock, "--ready", ready, "--device", self.device, "--kv-gb",
                 str(self.kv_gb), "--max-new", str(self.max_new)]
 
@@ -88,7 +88,7 @@ class _Run:
                                                             os.environ.get("PYTHONPATH", "")])}
         t0 = time.perf_counter()
         if how == "run":
-            from .launch import launch
+            from ..launch import launch
             pid = launch(self.worker_cmd(sock, ready), log=log, cwd=d, env=env)
         else:
             with open(log, "ab") as lf:
@@ -126,13 +126,13 @@ class _Run:
 
 
 def _stock_checkpoint(r: _Run, pid: int, images: str) -> dict:
-    from .criu import find_criu
+    from ..criu import find_criu
     criu = find_criu()
     t: dict[str, float] = {}
     tree = proc.tree(pid)
     ctree = None
     if r.cuda:
-        from . import cuda
+        from .. import cuda
         ctree = cuda.CudaTree(cuda.cuda_pids(tree))
         ctree.lock_all()
         ctree.checkpoint_all()
@@ -144,7 +144,7 @@ def _stock_checkpoint(r: _Run, pid: int, images: str) -> dict:
 
 
 def _stock_restore(r: _Run, images: str, cuda_pids: list[int], tag: str) -> tuple[int, dict]:
-    from .criu import find_criu
+    from ..criu import find_criu
     criu = find_criu()
     t: dict[str, float] = {}
     wd = os.path.join(r.work, f"restore-{tag}-{time.monotonic_ns()}")
@@ -155,7 +155,7 @@ def _stock_restore(r: _Run, images: str, cuda_pids: list[int], tag: str) -> tupl
         pid = int(fh.read())
     r.owned.append(pid)
     if cuda_pids:
-        from . import cuda
+        from .. import cuda
         ctree = cuda.CudaTree(cuda_pids)
         ctree.restore_all()
         ctree.unlock_all()
@@ -164,7 +164,7 @@ def _stock_restore(r: _Run, images: str, cuda_pids: list[int], tag: str) -> tupl
 
 
 def _row(r: _Run, name: str, how: str, release: bool, tool: str, ref: list[int], caches: list[str]) -> list[dict]:
-    from . import snapshot
+    from .. import snapshot
     r.say(f"{name}: starting a worker")
     pid, sock, _info, _ = r.start(how)
     before = _request(sock, {"op": "memory"})
@@ -217,7 +217,7 @@ def _row(r: _Run, name: str, how: str, release: bool, tool: str, ref: list[int],
 
 
 def _prompt() -> list[int]:
-    from .e2e_worker import PROMPT
+    from ..demo.llm_worker import PROMPT
     return list(PROMPT)
 
 
@@ -225,7 +225,7 @@ def run(model: str = "qwen3-0.6b", device: str = "cuda:0", kv_gb: Optional[float
         cold: bool = True, max_new: int = 16, rows: Optional[list[str]] = None,
         progress: Optional[Callable[[str], None]] = None) -> dict:
     """Run the benchmark; returns a JSON-able dict (machine, config, cold start, one entry per row and cache)."""
-    from .criu import require_privilege
+    from ..criu import require_privilege
     say = progress or (lambda s: None)
     require_privilege("bench e2e")
     try:
@@ -234,7 +234,7 @@ def run(model: str = "qwen3-0.6b", device: str = "cuda:0", kv_gb: Optional[float
     except ImportError as e:
         raise DynsnapError(f"bench e2e needs torch and transformers for its reference worker ({e.name} is missing)",
                            stage="bench") from None
-    from . import e2e_worker
+    from ..demo import llm_worker as e2e_worker
     if model not in e2e_worker.MODELS:
         raise DynsnapError(f"unknown model {model!r}: use one of {', '.join(e2e_worker.MODELS)}", stage="bench")
     if kv_gb is None:
@@ -276,7 +276,7 @@ def run(model: str = "qwen3-0.6b", device: str = "cuda:0", kv_gb: Optional[float
 def _limits(r: _Run, cold: bool) -> dict:
     """Read bandwidth of a scratch file the size of the largest image: from the page cache (all cores) and, as
     root, from the disk with O_DIRECT (the C engine, the fastest way this machine reads a file)."""
-    from . import io as dio
+    from .. import io as dio
     size = max([x["image_bytes"] for x in r.rows_seen] or [256 << 20])
     path = os.path.join(r.work, "limit.bin")
     dio.write_buffers(path, [os.urandom(1 << 20)] * max(1, size >> 20))

@@ -31,10 +31,10 @@ import threading
 import time
 from typing import Any, Iterator, Mapping, Optional
 
-from . import memfd
-from .errors import SnapshotCorrupt
-from .ui import human_bytes as _human
-from .weights import (DTYPE_SIZES, TYPESTR, GpuUnavailable, PathUnavailable, ShardCorrupt, TensorEntry,
+from .. import memfd
+from ..errors import SnapshotCorrupt
+from ..cli.ui import human_bytes as _human
+from .format import (DTYPE_SIZES, TYPESTR, GpuUnavailable, PathUnavailable, ShardCorrupt, TensorEntry,
                       TensorMismatch, WeightSet, WeightsError, WeightsOutOfMemory, _few, open_set)
 
 __all__ = ["PATHS", "Loaded", "DeviceArray", "load", "available_paths", "gpu_available", "defaults"]
@@ -434,7 +434,7 @@ def _memfds(ws: WeightSet, memsvc: Any, verify: bool) -> tuple[list, Any, list]:
             return memfd.restore(segs, populate=True), None, []
         except SnapshotCorrupt as e:
             raise _corrupt(ws, e) from None
-    from .memsvc import Client
+    from ..memsvc.service import Client
     client = memsvc if isinstance(memsvc, Client) else Client(memsvc)
     names = [f"weights/{s.digest}-{s.size}" for s in ws.shards]
     client.load_many([{"name": n, "path": ws.shard_path(i), "digest": s.digest, "length": s.size}

@@ -11,7 +11,7 @@ import time
 from typing import Any, Callable, Iterable, Optional
 
 from dynsnap_core import io
-from dynsnap_core.benchutil import cpu_time, drop_caches, fmt_opt
+from dynsnap_core.bench.util import cpu_time, drop_caches, fmt_opt
 from dynsnap_core.durable import fsync_path
 
 __all__ = ["run", "sweep", "format_table", "find_fio"]

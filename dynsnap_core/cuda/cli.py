@@ -103,7 +103,7 @@ def _parse(argv: List[str]) -> dict:
                 raise UsageError(f"--timeout wants milliseconds >= 0, not {v!r}")
         elif flag == "--device-map":
             v, i = value(i, "--device-map", inline)
-            from .cuda import parse_device_map
+            from .driver import parse_device_map
             try:
                 opts["device_map"] = parse_device_map(v)
             except ValueError as exc:
@@ -121,7 +121,7 @@ def _parse(argv: List[str]) -> dict:
 
 
 def _run(opts: dict) -> int:
-    from . import cuda
+    from .. import cuda
     pid = opts["pid"]
     op = opts["op"]
     if op == "get-state":
@@ -154,7 +154,7 @@ def _run(opts: dict) -> int:
             # half-way (e.g. a lock left by someone else): finish towards checkpointed, like a suspend
             cuda.checkpoint(pid)
         else:
-            from .errors import CudaStateError
+            from ..errors import CudaStateError
             raise CudaStateError(f"process {pid} is in the CUDA 'failed' state: it cannot be toggled",
                                  stage="toggle", pid=pid)
     sys.stdout.flush()
@@ -178,7 +178,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - one line, never a traceback
-        from .errors import DynsnapError
+        from ..errors import DynsnapError
         text = str(exc) if isinstance(exc, DynsnapError) else f"{type(exc).__name__}: {exc}"
         print(f"{PROG}: {' '.join(text.split())}", file=sys.stderr)
         return 1

@@ -24,7 +24,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
 
-from .errors import (CudaError, CudaNotCudaProcess, CudaStateError, CudaTimeout, CudaUnavailable,
+from ..errors import (CudaError, CudaNotCudaProcess, CudaStateError, CudaTimeout, CudaUnavailable,
                      DynsnapError, InvalidTarget, ProcessNotFound)
 
 __all__ = [

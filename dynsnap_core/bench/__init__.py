@@ -1,0 +1,1 @@
+"""Benchmarks behind ``dynsnap bench io|memfd|weights|restore|e2e``: presentation code, not library code."""

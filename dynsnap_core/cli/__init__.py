@@ -1,0 +1,2 @@
+"""The ``dynsnap`` command line: commands (``main``), system checks (``doctor``), ``inspect``, progress output
+(``ui``). ``python -m dynsnap_core.cli ...`` runs the commands."""
