@@ -7,7 +7,7 @@ Components live in one module each: ``criu`` (CRIU driver), ``snapshot`` (orches
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: F401
 
 from .errors import (CriuError, CriuUnavailable, CudaError, DynsnapError, InvalidArgument,  # noqa: F401
                      InvalidTarget,

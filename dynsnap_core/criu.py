@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from . import config
 from .errors import CriuError, CriuUnavailable, PermissionDenied
 
 __all__ = ["Criu", "Supervised", "find_criu", "MIN_VERSION", "has_checkpoint_privilege", "require_privilege",
@@ -148,7 +149,7 @@ def run_limits(image_bytes: int) -> tuple[float, int]:
     from .errors import InvalidArgument
 
     def env_number(name: str, default: float) -> float:
-        raw = os.environ.get(name)
+        raw = config.get(name)
         if raw is None or raw == "":
             return default
         try:
@@ -156,10 +157,10 @@ def run_limits(image_bytes: int) -> tuple[float, int]:
         except ValueError:
             value = -1.0
         if not value > 0 or value != value or value == float("inf"):
-            raise InvalidArgument(f"{name}={raw!r} is not a positive number", stage="preflight")
+            raise InvalidArgument(f"{config.SETTINGS[name].env}={raw!r} is not a positive number", stage="preflight")
         return value
-    timeout = env_number("DYNSNAP_CRIU_TIMEOUT", 120.0 + 30.0 * image_bytes / 2**30)
-    log_limit = int(env_number("DYNSNAP_CRIU_LOG_LIMIT_MB", 256.0) * 2**20)
+    timeout = env_number("criu_timeout", 120.0 + 30.0 * image_bytes / 2**30)
+    log_limit = int(env_number("criu_log_limit_mb", 256.0) * 2**20)
     return timeout, log_limit
 
 
@@ -323,7 +324,7 @@ def find_criu(required: bool = True) -> Optional[Criu]:
     ``required`` is set, raise CriuUnavailable saying what was found and how to fix it.
     """
     candidates: list[str] = []
-    env = os.environ.get("DYNSNAP_CRIU")
+    env = config.get("criu")
     if env:
         candidates.append(env)          # an explicit choice: nothing else is tried
     else:

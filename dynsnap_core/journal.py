@@ -24,22 +24,11 @@ from pathlib import Path
 from typing import Optional
 
 from . import proc
+from .config import run_dir
 
 __all__ = ["run_dir", "Entry", "TreeLock", "recover", "traced_by", "restore_entry"]
 
 
-def run_dir() -> Path:
-    """$DYNSNAP_RUN_DIR, else /run/dynsnap for root, else $XDG_RUNTIME_DIR/dynsnap, else the home's run/."""
-    env = os.environ.get("DYNSNAP_RUN_DIR")
-    if env:
-        return Path(env)
-    if os.geteuid() == 0:
-        return Path("/run/dynsnap")
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg:
-        return Path(xdg) / "dynsnap"
-    from .snapshot.restore import default_home
-    return default_home() / "run"
 
 
 def _frozen_dir() -> Path:
@@ -51,13 +40,7 @@ def _ident(pid: int) -> Optional[list[int]]:
     return None if st is None else [pid, st]
 
 
-def _same(rec: list) -> bool:
-    """The recorded [pid, start time] is still that very process (alive, not a zombie)."""
-    try:
-        pid, start = int(rec[0]), int(rec[1])
-    except (TypeError, ValueError, IndexError):
-        return False
-    return proc.start_time(pid) == start and proc.exists(pid)
+_same = proc.same_process
 
 
 class Entry:

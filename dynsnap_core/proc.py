@@ -16,6 +16,15 @@ __all__ = ["exists", "tree", "cmdline", "comm", "rss_bytes", "session_id", "vali
 PID_MAX = 4194304          # PID_MAX_LIMIT: no Linux pid is larger
 
 
+def same_process(rec: list) -> bool:
+    """The recorded [pid, start time] is still that very process (alive, not a zombie)."""
+    try:
+        pid, start = int(rec[0]), int(rec[1])
+    except (TypeError, ValueError, IndexError):
+        return False
+    return start_time(pid) == start and exists(pid)
+
+
 def exists(pid: int) -> bool:
     if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid <= PID_MAX:
         return False

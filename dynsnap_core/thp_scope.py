@@ -21,7 +21,7 @@ import secrets
 from pathlib import Path
 from typing import Optional
 
-from . import proc
+from . import config, proc
 
 __all__ = ["ThpScope", "recover", "current", "ENABLED"]
 
@@ -35,8 +35,7 @@ def current(path: Path = ENABLED) -> Optional[str]:
 
 
 def _dir() -> Path:
-    from .journal import run_dir
-    return run_dir() / "thp"
+    return config.run_dir() / "thp"
 
 
 def _me() -> str:
@@ -45,8 +44,7 @@ def _me() -> str:
 
 def _alive(name: str) -> bool:
     """Whether the holder named ``pid-start-tag`` is a live process (the very one, not a reused pid)."""
-    from .journal import _same
-    return _same(name.split("-")[:2])
+    return proc.same_process(name.split("-")[:2])
 
 
 class _Locked:

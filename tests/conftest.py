@@ -7,6 +7,10 @@ import pytest
 
 from helpers import ROOT, Workload, cli  # noqa: F401  (re-exported for tests)
 
+# Test hooks (DYNSNAP_FAULT, DYNSNAP_MEMSVC_LOAD_DELAY) answer only with this set (dynsnap_core.config.test_hook);
+# every process the tests start inherits it.
+os.environ["DYNSNAP_TEST_HOOKS"] = "1"
+
 
 def _criu_ok() -> str | None:
     if os.geteuid() != 0:

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__
+from .._version import __version__
 from ..errors import (DynsnapError, IncompatibleSnapshot, InvalidTarget, PermissionDenied, ProcessNotFound,
                       SnapshotCorrupt, SnapshotExists, SnapshotNotFound, StorageError)
 from ..storage import check_name

@@ -10,7 +10,7 @@ import tempfile
 import time
 from typing import Any, Callable, Iterable, Optional
 
-from dynsnap_core import io
+from dynsnap_core import config, io
 from dynsnap_core.bench.util import cpu_time, drop_caches, fmt_opt
 from dynsnap_core.durable import fsync_path
 
@@ -24,7 +24,7 @@ SWEEP_QD = (4, 8, 16, 32)
 
 def find_fio() -> Optional[str]:
     """fio to measure the device limit with: $DYNSNAP_FIO (e.g. the GPU bundle's static build), else PATH."""
-    env = os.environ.get("DYNSNAP_FIO")
+    env = config.get("fio")
     if env and os.access(env, os.X_OK):
         return env
     return shutil.which("fio")
@@ -156,9 +156,9 @@ def run(dir: str, size_mb: int = 1024, block_kb: Optional[int] = None, qd: Optio
     block_kb = block_kb or io.DEFAULT_BLOCK_SIZE >> 10
     qd = qd or io.DEFAULT_QUEUE_DEPTH
     if do_sweep is None:
-        do_sweep = os.environ.get("DYNSNAP_IO_SWEEP", "") not in ("", "0")
+        do_sweep = (config.get("io_sweep") or "") not in ("", "0")
     if sweep_mb is None:
-        sweep_mb = int(os.environ.get("DYNSNAP_IO_SWEEP_MB") or min(size_mb, 1024))
+        sweep_mb = int(config.get("io_sweep_mb") or min(size_mb, 1024))
     engines = [e for e in (engines or io.available_engines()) if e in io.available_engines()]
     nbytes = size_mb << 20
     bs = block_kb << 10

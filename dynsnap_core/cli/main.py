@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from .. import config
 from ..errors import DynsnapError
 from .ui import Reporter, _human
 
@@ -132,7 +133,7 @@ def cmd_agent(a) -> int:
                            stage="agent") from None
     if a.probe:
         return probe(a.socket)
-    cfg = AgentConfig(storage=a.storage or os.environ.get("DYNSNAP_STORAGE") or None, workers=a.workers,
+    cfg = AgentConfig(storage=a.storage or config.get("storage"), workers=a.workers,
                       max_body=a.max_body)
     if a.root:
         cfg.root = Path(a.root)
@@ -304,7 +305,7 @@ def _housekeeping() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
+    from .._version import __version__
     p = _Parser(prog=PROG, description="Checkpoint a warmed-up (GPU) worker and restore it in seconds.")
     p.add_argument("--version", action="version", version=f"dynsnap {__version__}")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
@@ -369,12 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--storage", help="object storage s3://BUCKET[/PREFIX] (default: $DYNSNAP_STORAGE)")
     s.add_argument("--cache", help="node cache for downloaded snapshots (default: $DYNSNAP_HOME/cache/snapshots)")
     s.add_argument("--cgroup-root", help="cgroup file system (default /sys/fs/cgroup)")
-    s.add_argument("--workers", type=int, default=int(os.environ.get("DYNSNAP_AGENT_WORKERS") or 4),
+    s.add_argument("--workers", type=int, default=int(config.get("agent_workers") or 4),
                    help="jobs running at once (default $DYNSNAP_AGENT_WORKERS or 4)")
     s.add_argument("--drain", type=float, default=300,
                    help="on SIGTERM, seconds running jobs get to finish (default 300)")
     s.add_argument("--max-body", type=int, default=64 << 10, help="largest request body in bytes (default 65536)")
-    s.add_argument("--log-level", default=os.environ.get("DYNSNAP_AGENT_LOG_LEVEL") or "warning",
+    s.add_argument("--log-level", default=config.get("agent_log_level"),
                    choices=["critical", "error", "warning", "info", "debug"])
     s.add_argument("--probe", action="store_true", help="ask the agent on --socket for /healthz; exit 0 when it "
                                                         "answers ok (for liveness probes)")

@@ -151,8 +151,8 @@ _hash_cache_loaded: list[Optional[Path]] = []
 
 
 def _cache_path() -> Path:
-    from ..snapshot import default_home
-    return default_home() / "cache" / "file-hashes.json"
+    from ..config import home
+    return home() / "cache" / "file-hashes.json"
 
 
 def _load_cache() -> None:

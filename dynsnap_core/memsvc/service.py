@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
-from .. import memfd
+from .. import config, memfd
 from ..errors import DynsnapError, SnapshotCorrupt
 
 __all__ = [
@@ -139,7 +139,7 @@ class MemoryService:
         self._stop = threading.Event()
         self._ids = 0
         self._conns: dict[int, socket.socket] = {}
-        self._load_delay = float(os.environ.get("DYNSNAP_MEMSVC_LOAD_DELAY", "0") or 0)  # test hook
+        self._load_delay = float(config.test_hook("MEMSVC_LOAD_DELAY") or 0)
 
     # ---- lifecycle ----
     def bind(self) -> None:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from .. import criu_images, thp_scope
 from . import manifest as mf
-from .. import proc
+from .. import config, proc
 from ..criu import find_criu, require_privilege, run_limits
 from ..durable import fsync_path, tree_bytes
 from ..guardian import Guardian
@@ -43,19 +43,13 @@ Progress = Optional[Callable[[str, int, int], Any]]   # (phase, done, total)
 
 
 def _version() -> str:
-    from .. import __version__
+    from .._version import __version__
     return __version__
 
 
 def default_home() -> Path:
     """$DYNSNAP_HOME, else /var/lib/dynsnap for root, else $XDG_DATA_HOME/dynsnap (~/.local/share/dynsnap)."""
-    env = os.environ.get("DYNSNAP_HOME")
-    if env:
-        return Path(env)
-    if os.geteuid() == 0:
-        return Path("/var/lib/dynsnap")
-    xdg = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
-    return Path(xdg) / "dynsnap"
+    return config.home()
 
 
 def snapshots_root() -> Path:
@@ -228,7 +222,7 @@ STAGING_MODES = ("auto", "tmpfs", "target")
 
 def staging_setting() -> str:
     """$DYNSNAP_STAGING checked: auto (default), tmpfs or target; anything else is one sentence."""
-    mode = os.environ.get("DYNSNAP_STAGING") or "auto"
+    mode = config.get("staging") or "auto"
     if mode not in STAGING_MODES:
         raise InvalidArgument(f"DYNSNAP_STAGING={mode!r} is not one of {', '.join(STAGING_MODES)}", stage="preflight")
     if mode == "tmpfs" and _tmpfs_dir() is None:
@@ -269,7 +263,7 @@ def _check_extra_manifest(extra: Any) -> None:
 
 
 def _tmpfs_dir() -> Optional[Path]:
-    for cand in (os.environ.get("DYNSNAP_TMPFS"), "/dev/shm"):
+    for cand in (config.get("tmpfs"), "/dev/shm"):
         if cand and os.path.isdir(cand) and os.access(cand, os.W_OK):
             return Path(cand)
     return None
@@ -462,7 +456,7 @@ def _checkpoint_locked(pid: int, pids: list[int], out: Path, parent: Path, criu,
             if mount_namespace:
                 args += CRIU_MNTNS_ARGS
             # Test hook: CRIU's own fault injection (FI_DUMP_PAGES) makes a real dump fail half-way.
-            fault = {"CRIU_FAULT": "3"} if os.environ.get("DYNSNAP_FAULT") == "dump" else None
+            fault = {"CRIU_FAULT": "3"} if config.test_hook("FAULT") == "dump" else None
             if progress:
                 progress("criu dump", 0, 1)
             frozen = True       # from here on, a failure must resume the tree (CRIU may leave it stopped)
@@ -741,9 +735,9 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
     if not _is_int(verify_threads) or not 1 <= verify_threads <= 256:
         raise InvalidArgument(f"verify_threads must be an integer from 1 to 256, not {verify_threads!r}",
                               stage="preflight")
-    prefetch = prefetch or os.environ.get("DYNSNAP_RESTORE_PREFETCH") or "pagecache"
+    prefetch = prefetch or config.get("restore_prefetch") or "pagecache"
     if thp is None:
-        env_thp = os.environ.get("DYNSNAP_RESTORE_THP", "")
+        env_thp = config.get("restore_thp") or ""
         if env_thp not in ("", "always", "off"):
             raise InvalidArgument(f"DYNSNAP_RESTORE_THP={env_thp!r}: use 'always' or 'off'", stage="preflight")
         thp = env_thp == "always"
@@ -903,7 +897,7 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
         if staged is not None:
             shutil.rmtree(staged, ignore_errors=True)
     timings["total"] = time.perf_counter() - t_start
-    if os.environ.get("DYNSNAP_KEEP_LOGS") is None:
+    if config.get("keep_logs") is None:
         shutil.rmtree(work, ignore_errors=True)
     return RestoredProcess(rpid, snap, timings)
 

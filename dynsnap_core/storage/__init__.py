@@ -1,25 +1,12 @@
 """Where snapshots are kept: the node's file system (a PVC or hostPath) and S3-compatible object storage."""
 from __future__ import annotations
 
-import re
 from typing import Optional
 
 from ..errors import DynsnapError
+from .names import NAME, check_name
 
 __all__ = ["NAME", "check_name", "open_remote", "split_url", "fetch", "remote_snapshot"]
-
-#: A snapshot name: one path component of letters, digits, '.', '_' and '-', not starting with '.'.
-NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
-
-
-def check_name(name: str) -> str:
-    """``name`` if it is a safe snapshot name, else DynsnapError saying what is wrong with it."""
-    if not isinstance(name, str) or not NAME.match(name) or ".." in name:
-        shown = repr(name) if isinstance(name, str) else type(name).__name__
-        raise DynsnapError(f"snapshot name {shown} is not allowed: use 1 to 128 letters, digits, '.', '_' or '-', "
-                           "not starting with '.' and without '..'", stage="preflight")
-    return name
-
 
 def open_remote(url: Optional[str], **kw):
     """The object store for ``url`` (``s3://BUCKET[/PREFIX]``), or None for local storage only."""
@@ -54,7 +41,7 @@ def fetch(url: str, cache=None, progress=None):
     from pathlib import Path
 
     from ..compat import require
-    from ..snapshot import default_home
+    from ..config import home as default_home
     base, name = split_url(url)
     store = open_remote(base)
     cache = Path(cache) if cache else default_home() / "cache" / "snapshots"

@@ -14,9 +14,10 @@ from typing import Any, Callable, Optional
 from urllib.parse import urlparse
 
 from ..snapshot import manifest as mf
+from .. import config
 from ..durable import fsync_path
 from ..errors import DynsnapError, SnapshotCorrupt, SnapshotExists, SnapshotNotFound, StorageError
-from . import NAME
+from .names import NAME
 
 __all__ = ["S3Store", "COMPLETE", "PART_SIZE"]
 
@@ -60,7 +61,7 @@ class S3Store:
         self.threads = threads
         import boto3
         from botocore.config import Config
-        endpoint = endpoint_url or os.environ.get("DYNSNAP_S3_ENDPOINT") or None
+        endpoint = endpoint_url or config.get("s3_endpoint")
         cfg = Config(connect_timeout=connect_timeout, read_timeout=read_timeout,
                      retries={"max_attempts": attempts, "mode": "standard"}, max_pool_connections=threads * 2,
                      request_checksum_calculation="when_required", response_checksum_validation="when_required")
@@ -68,7 +69,7 @@ class S3Store:
 
     # keys
     def _key(self, name: str, rel: str = "") -> str:
-        from . import check_name
+        from .names import check_name
         check_name(name)
         base = f"{self.prefix}/{name}" if self.prefix else name
         return f"{base}/{rel}" if rel else base

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from .. import memfd
+from .. import config, memfd
 from ..durable import fsync_path
 
 __all__ = ["WeightDir", "StoredRegion", "default_store"]
@@ -24,11 +24,7 @@ _NAME = re.compile(r"^([0-9a-f]{16})-([0-9]+)$")
 
 def default_store() -> Path:
     """``$DYNSNAP_WEIGHTS`` else ``<dynsnap home>/weights``."""
-    env = os.environ.get("DYNSNAP_WEIGHTS")
-    if env:
-        return Path(env)
-    from ..snapshot.restore import default_home
-    return default_home() / "weights"
+    return config.weights_store()
 
 
 def publish(dest: Path, write: Callable[[Path], None]) -> None:

@@ -1,0 +1,2 @@
+"""The package version (a module of its own so that any module may import it without a cycle)."""
+__version__ = "0.1.0"
