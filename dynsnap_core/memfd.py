@@ -33,7 +33,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence
 
-from dynsnap_core.errors import DynsnapError, SnapshotCorrupt, oserror
+from dynsnap_core.errors import MemfdError, SnapshotCorrupt, from_engine, oserror
 
 try:
     from dynsnap_core._lib import _memfd
@@ -54,10 +54,6 @@ HASH_CHUNK: int = _memfd.HASH_CHUNK
 _MAX_FDS = 64
 _HDR = struct.Struct("<I")
 _live = {"opened": 0, "closed": 0}
-
-
-class MemfdError(DynsnapError):
-    """Creating or mapping memfds failed (memfd_create unavailable, no hugetlb pages, ...)."""
 
 
 def default_threads() -> int:
@@ -130,17 +126,7 @@ def _unhex(s: Optional[str]) -> Optional[int]:
     return None if s is None else int(s, 16)
 
 
-def _translate(e: OSError, stage: str) -> BaseException:
-    """C failures -> SnapshotCorrupt for bad images, MemfdError for memfd/hugetlb, else the OSError."""
-    op = getattr(e, "op", "")
-    msg = e.strerror or str(e)
-    if op in ("segment", "verify") or (op == "read" and e.errno == _errno.EIO and "truncated" in msg):
-        return SnapshotCorrupt(msg, stage=stage, path=e.filename, errno=e.errno)
-    if op in ("memfd_create", "mmap", "munmap", "madvise", "fstat", "ftruncate", "seal"):
-        return MemfdError(msg, stage=stage, path=e.filename, errno=e.errno)
-    out = OSError(e.errno, msg)
-    out.filename = e.filename
-    return out
+_translate = from_engine   # the one errno mapping (errors.from_engine)
 
 
 @dataclass

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import DynsnapError, IncompatibleSnapshot, SnapshotCorrupt
+from ..units import human_bytes as _human
 from . import facts
 
 __all__ = ["Fact", "Report", "check", "require", "format_text"]
@@ -43,14 +44,6 @@ class Report:
 
     def to_dict(self) -> dict:
         return {"snapshot": self.snapshot, "ok": self.ok, "facts": [asdict(f) for f in self.facts]}
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _kver(release: str) -> Optional[tuple[int, int]]:

@@ -25,7 +25,8 @@ from ..criu import find_criu, require_privilege, run_limits
 from ..durable import fsync_path, tree_bytes
 from ..guardian import Guardian
 from ..journal import Entry, TreeLock, recover, restore_entry, traced_by
-from ..errors import (CriuError, CudaDeviceMismatch, CudaUnavailable, DynsnapError, InvalidArgument, InvalidTarget,
+from ..errors import (CriuError, CudaDeviceMismatch, CudaUnavailable, DynsnapError, Interrupted, InvalidArgument,
+                     InvalidTarget,
                      SnapshotCorrupt,
                      SnapshotExists,
                      SnapshotNotFound, StorageError)
@@ -75,10 +76,6 @@ def resolve(path_or_name: str | os.PathLike) -> Path:
             raise InvalidArgument(f"{text!r} names both {p.absolute()} and {cand}; write ./{text} or the full path",
                                   stage="preflight", path=text)
     return cand if there else p
-
-
-class Interrupted(DynsnapError):
-    """dynsnap was asked to stop (SIGINT/SIGTERM/SIGHUP) and rolled back."""
 
 
 @contextmanager

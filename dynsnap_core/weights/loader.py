@@ -27,15 +27,19 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 import time
 from typing import Any, Iterator, Mapping, Optional
 
 from .. import memfd
-from ..errors import SnapshotCorrupt
-from ..cli.ui import human_bytes as _human
-from .format import (DTYPE_SIZES, TYPESTR, GpuUnavailable, PathUnavailable, ShardCorrupt, TensorEntry,
-                      TensorMismatch, WeightSet, WeightsError, WeightsOutOfMemory, _few, open_set)
+from ..errors import (CudaUnavailable, GpuUnavailable, PathUnavailable, ShardCorrupt, SnapshotCorrupt,
+                      TensorMismatch, WeightsError, WeightsOutOfMemory)
+from ..units import human_bytes as _human
+from .device import (DeviceArray, _DEVICES, _RawDev,  # noqa: F401 (_DEVICES: tests read it)
+                     _device, _kvikio, _kvikio_compat, _parse_device, _torch,
+                     gpu_available)
+from .format import DTYPE_SIZES, TYPESTR, TensorEntry, WeightSet
+from .store import open_set
+from .verify import _few
 
 __all__ = ["PATHS", "Loaded", "DeviceArray", "load", "available_paths", "gpu_available", "defaults"]
 
@@ -97,93 +101,6 @@ class Loaded(dict):
 
 # ---------------------------------------------------------------- driver access
 
-_LOCK = threading.Lock()
-_DEVICES: dict[int, Any] = {}
-
-
-def _h2d() -> Any:
-    try:
-        from dynsnap_core._lib import _h2d as mod
-    except ImportError as exc:
-        raise GpuUnavailable("dynsnap_core's GPU copy module (dynsnap_core._lib._h2d) is missing: install the "
-                             f"package or run `python setup.py build_ext --inplace` ({exc})") from None
-    return mod
-
-
-def gpu_available() -> tuple[bool, str]:
-    """(True, "") when the CUDA driver loads and sees a GPU, else (False, why). Never raises."""
-    try:
-        p = _h2d().probe()
-    except GpuUnavailable as e:
-        return False, str(e)
-    return bool(p["ok"]), p["error"] or ""
-
-
-def _device(ordinal: int) -> Any:
-    """The cached driver handle (primary context, pinned ring) of GPU ``ordinal``."""
-    with _LOCK:
-        dev = _DEVICES.get(ordinal)
-        if dev is None:
-            mod = _h2d()
-            ok, why = gpu_available()
-            if not ok:
-                raise GpuUnavailable(f"no GPU for weights on cuda:{ordinal}: {why}", driver_error=why)
-            try:
-                dev = mod.Device(ordinal)
-            except (IndexError, RuntimeError) as e:
-                raise GpuUnavailable(f"cannot open cuda:{ordinal}: {e}") from None
-            _DEVICES[ordinal] = dev
-        return dev
-
-
-def _parse_device(device: Any) -> Optional[int]:
-    """None for the host, else the CUDA ordinal."""
-    text = str(device)
-    if text == "cpu":
-        return None
-    if text == "cuda":
-        return 0
-    if text.startswith("cuda:") and text[5:].isdigit():
-        return int(text[5:])
-    raise ValueError(f"bad device {device!r}: use 'cpu', 'cuda' or 'cuda:N'")
-
-
-def _torch() -> Any:
-    try:
-        import torch
-    except ImportError:
-        return None
-    return torch
-
-
-def _kvikio() -> Any:
-    """kvikio with its ``defaults`` submodule loaded (kvikio 26.x no longer imports it with the package)."""
-    try:
-        import kvikio
-        import kvikio.defaults  # noqa: F401 - binds kvikio.defaults
-    except ImportError:
-        return None
-    return kvikio
-
-
-def _kvikio_compat(kvikio: Any) -> bool:
-    """Whether kvikio will read through its POSIX compat mode (no GDS): its own verdict when it has one (a
-    compat mode of AUTO resolves to compat when cuFile is unavailable), else the configured mode."""
-    d = kvikio.defaults
-    if hasattr(d, "is_compat_mode_preferred"):
-        try:
-            return bool(d.is_compat_mode_preferred())
-        except Exception:  # noqa: BLE001 - fall back to the configured mode
-            pass
-    try:
-        v = d.compat_mode()
-    except Exception:  # noqa: BLE001 - API differs across versions
-        try:
-            v = d.get("compat_mode")
-        except Exception:  # noqa: BLE001
-            return True
-    return str(v).upper().endswith("ON") or v is True
-
 
 def available_paths(device: str = "cuda:0") -> dict:
     """Each path -> None when it can run for ``device``, else the reason it cannot."""
@@ -203,51 +120,6 @@ def available_paths(device: str = "cuda:0") -> dict:
 
 
 # ---------------------------------------------------------------- device arrays without torch
-
-class DeviceArray:
-    """An owned CUDA allocation with ``__cuda_array_interface__`` (used when torch is not installed)."""
-
-    def __init__(self, ordinal: int, shape: list[int], dtype: str):
-        self.ordinal, self.shape, self.dtype = ordinal, tuple(shape), dtype
-        n = DTYPE_SIZES[dtype]
-        for d in shape:
-            n *= d
-        self.nbytes = n
-        self._dev = _device(ordinal)
-        self.ptr = int(self._dev.alloc(n))
-
-    @property
-    def __cuda_array_interface__(self) -> dict:
-        return {"shape": self.shape, "typestr": TYPESTR[self.dtype], "data": (self.ptr, False), "version": 3,
-                "strides": None}
-
-    def to_bytes(self) -> bytes:
-        buf = bytearray(self.nbytes)
-        if self.nbytes:
-            self._dev.dtoh(buf, self.ptr)
-        return bytes(buf)
-
-    def free(self) -> None:
-        if self.ptr:
-            ptr, self.ptr = self.ptr, 0
-            self._dev.free(ptr)
-
-    def __del__(self) -> None:
-        try:
-            self.free()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
-
-    def __repr__(self) -> str:
-        return f"DeviceArray(cuda:{self.ordinal}, shape={self.shape}, dtype={self.dtype})"
-
-
-class _RawDev:
-    """A uint8 view of device memory for kvikio (torch refuses __cuda_array_interface__ for bfloat16)."""
-
-    def __init__(self, ptr: int, nbytes: int):
-        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False),
-                                         "version": 3, "strides": None}
 
 
 def _torch_dtype(torch: Any, name: str) -> Any:
@@ -341,7 +213,7 @@ def _destinations(ws: WeightSet, ordinal: int, into: Optional[Mapping[str, Any]]
                 else:
                     x = DeviceArray(ordinal, t.shape, t.dtype)
                     ptrs[t.name] = x.ptr
-            except WeightsError:
+            except (WeightsError, CudaUnavailable):
                 raise
             except Exception as e:  # noqa: BLE001 - torch.OutOfMemoryError, CudaCallError
                 if _is_oom(e):
