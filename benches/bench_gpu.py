@@ -25,9 +25,9 @@ from typing import Any, Dict, List
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests", "gpu"))
+sys.path.insert(0, HERE)                 # gpu_harness.py, worker_torch.py: shared with tests/gpu
 
-from gpu_helpers import Worker, find_key, json_out, run_cli, subreaper  # noqa: E402
+from gpu_harness import Worker, find_key, json_out, run_cli, subreaper  # noqa: E402
 
 PHASES_CKPT = ["lock", "gpu_checkpoint", "criu_dump", "persist", "checkpoint_total"]
 PHASES_REST = ["criu_restore", "gpu_restore", "unlock", "restore_total", "first_answer"]

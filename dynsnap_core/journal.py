@@ -25,6 +25,7 @@ from typing import Optional
 
 from . import proc
 from .config import run_dir
+from .durable import write_atomic
 
 __all__ = ["run_dir", "Entry", "TreeLock", "recover", "traced_by", "restore_entry"]
 
@@ -62,13 +63,8 @@ class Entry:
     def _write(self) -> None:
         if self.path is None:
             return
-        tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        try:
-            os.write(fd, json.dumps(self.data).encode())
-        finally:
-            os.close(fd)
-        os.rename(tmp, self.path)
+        write_atomic(self.path, json.dumps(self.data).encode(), tmp=self.path.with_suffix(".tmp"), mode=0o600,
+                     durable=False)
 
     def cuda(self, pids: list[int]) -> None:
         self.data["cuda"] = list(pids)

@@ -23,7 +23,7 @@ from .. import proc
 from .util import drop_caches, warm
 from ..criu import find_criu, require_privilege
 from ..demo.worker import request
-from ..snapshot.restore import checkpoint, default_home, restore
+from ..snapshot import checkpoint, default_home, restore
 
 __all__ = ["run", "format_table"]
 

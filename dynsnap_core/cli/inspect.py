@@ -44,7 +44,7 @@ def _head(path: Path, n: int) -> bytes:
 def inspect(path: str) -> dict:
     """Describe a snapshot directory or decode one file; anything unreadable or malformed is SnapshotCorrupt
     with one sentence (never a hang: FIFOs and devices are refused before they are opened)."""
-    from ..snapshot.restore import resolve
+    from ..snapshot import resolve
     p = resolve(path)
     if not p.exists():
         raise SnapshotNotFound(f"no such snapshot or file: {path}", stage="inspect", path=str(path))

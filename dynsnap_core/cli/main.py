@@ -52,7 +52,7 @@ def cmd_run(a) -> int:
 
 
 def cmd_checkpoint(a) -> int:
-    from ..snapshot.restore import checkpoint
+    from ..snapshot import checkpoint
     with Reporter(quiet=a.json) as rep:
         kw = dict(leave_running=a.leave_running, cuda_lock_timeout_ms=a.timeout_ms, progress=rep.update,
                   log=rep.say)
@@ -90,7 +90,7 @@ def _parse_device_map(text: Optional[str]) -> Optional[dict]:
 
 
 def cmd_restore(a) -> int:
-    from ..snapshot.restore import restore
+    from ..snapshot import restore
     with Reporter(quiet=a.json) as rep:
         kw = dict(verify=not a.no_verify, device_map=_parse_device_map(a.device_map), progress=rep.update)
         if a.thp:
@@ -146,7 +146,7 @@ def cmd_agent(a) -> int:
 
 
 def cmd_push(a) -> int:
-    from ..snapshot.restore import open_snapshot
+    from ..snapshot import open_snapshot
     from ..storage import open_remote
     snap = open_snapshot(a.snapshot)
     store = open_remote(a.url)
@@ -160,7 +160,7 @@ def cmd_push(a) -> int:
 
 
 def cmd_verify(a) -> int:
-    from ..snapshot.restore import open_snapshot
+    from ..snapshot import open_snapshot
     t0 = time.perf_counter()
     with Reporter(quiet=a.json) as rep:
         snap = open_snapshot(a.dir)
@@ -185,7 +185,7 @@ def cmd_inspect(a) -> int:
 
 
 def cmd_rm(a) -> int:
-    from ..snapshot.restore import remove
+    from ..snapshot import remove
     for target in a.snapshots:
         p = remove(target, force=a.force)
         if not a.quiet:
@@ -194,7 +194,7 @@ def cmd_rm(a) -> int:
 
 
 def cmd_list(a) -> int:
-    from ..snapshot.restore import list_snapshots, snapshots_root
+    from ..snapshot import list_snapshots, snapshots_root
     rows = list_snapshots(Path(a.root) if a.root else None)
     if a.json:
         _emit_json(rows)
@@ -297,7 +297,7 @@ def _housekeeping() -> None:
         return
     try:
         from ..journal import recover
-        from ..snapshot.restore import clean_stale_staging
+        from ..snapshot import clean_stale_staging
         recover()
         clean_stale_staging()
     except (OSError, DynsnapError):

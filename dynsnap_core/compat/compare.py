@@ -308,18 +308,22 @@ def check(snapshot: Any, *, images: bool = True) -> Report:
     ``images=False`` skips the snapshot's own files (a snapshot still in object storage, checked before its
     download, which verifies every byte).
     """
-    from ..snapshot import Snapshot, open_snapshot
-    snap = snapshot if isinstance(snapshot, Snapshot) else open_snapshot(snapshot)
-    m = snap.manifest
+    if isinstance(snapshot, (str, os.PathLike)):
+        from ..snapshot import manifest as mf
+        from ..snapshot.store import resolve
+        path = resolve(snapshot)
+        m = mf.read(path)
+    else:                                          # a Snapshot (anything with .path and .manifest)
+        path, m = Path(snapshot.path), snapshot.manifest
     compat = m.get("compat") if isinstance(m.get("compat"), dict) else None
-    files = _images(snap.path, m) if images else Fact("snapshot files", OK, f"{len(m['files'])} files in object "
+    files = _images(path, m) if images else Fact("snapshot files", OK, f"{len(m['files'])} files in object "
                                                                               "storage (verified at download)")
     out: list[Fact] = [_privilege(), files, _arch(m)]
     out += _kernel(m, compat)
     out += [_criu(m), _cpu(compat), _host_memory(m)]
     out += _gpu(m, compat)
     out += [_files(compat), _paths(compat), _pids(m)]
-    return Report(str(snap.path), out)
+    return Report(str(path), out)
 
 
 def require(snapshot: Any, *, images: bool = True) -> Report:

@@ -17,7 +17,7 @@ from .. import proc
 from .worker import request
 from ..errors import DynsnapError
 from ..launch import launch
-from ..snapshot.restore import checkpoint, default_home, restore
+from ..snapshot import checkpoint, default_home, restore
 from ..cli.ui import Reporter, _human
 
 __all__ = ["main", "run"]

@@ -94,7 +94,7 @@ def _group_id(group: str | int) -> int:
 
 def _allowed_roots(extra: Iterable[str | os.PathLike]) -> list[str]:
     """The directories the service may open files in: the weight store, the snapshot root, and ``extra``."""
-    from ..snapshot.restore import snapshots_root
+    from ..snapshot import snapshots_root
     from ..weights.store import default_store
     roots = [default_store(), snapshots_root(), *extra]
     return sorted({os.path.realpath(str(r)) for r in roots})
@@ -794,7 +794,7 @@ def checkpoint_with_regions(pid: int, out: str | os.PathLike | None, *, service:
     """Store ``regions`` once in the weight directory (by content), let the worker detach, CRIU-checkpoint it,
     and record the regions in the snapshot's manifest (entry ``weights``, committed atomically with the rest).
     Returns the Snapshot."""
-    from ..snapshot.restore import checkpoint
+    from ..snapshot import checkpoint
     from ..weights.store import WeightDir
     wd = WeightDir(store)
     t0 = time.perf_counter()
@@ -813,7 +813,7 @@ def restore_with_regions(path: str | os.PathLike, *, service: str | os.PathLike,
                          store: str | os.PathLike | None = None, **kw: Any):
     """Ask the service to load the snapshot's regions (parallel memfd restore, in the service) and run the
     CRIU restore at the same time. The restored worker re-attaches (waiting until its regions are ready)."""
-    from ..snapshot.restore import restore
+    from ..snapshot import restore
     from ..weights.store import WeightDir
     meta = read_regions(path)
     with Client(service) as c:

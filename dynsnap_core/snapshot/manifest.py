@@ -9,7 +9,7 @@ import stat
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ..durable import fsync_path
+from ..durable import write_atomic
 from ..errors import SnapshotCorrupt, SnapshotNotFound
 from ..formats import SNAPSHOT_MANIFEST as _KIND
 
@@ -60,18 +60,7 @@ def write(directory: Path, manifest: dict) -> None:
     """Write manifest.json (sealed with its root digest) into ``directory`` durably: temp file, fsync, rename,
     fsync of the directory."""
     data = json.dumps(seal(manifest), indent=2, sort_keys=True, allow_nan=False).encode() + b"\n"
-    tmp = directory / (MANIFEST_NAME + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, directory / MANIFEST_NAME)
-    fsync_path(directory)
+    write_atomic(directory / MANIFEST_NAME, data, tmp=directory / (MANIFEST_NAME + ".tmp"))
 
 
 def _corrupt(path: Path, what: str) -> SnapshotCorrupt:

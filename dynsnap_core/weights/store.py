@@ -20,13 +20,12 @@ import json
 import os
 import re
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from .. import config, memfd
-from ..durable import fsync_path
+from ..durable import publish
 from ..errors import ShardCorrupt, WeightSetNotFound, WeightsError
 from .format import (ALIGN, CHECKSUM, DEFAULT_SHARD_BYTES, DTYPE_SIZES, FORMAT_VERSION, MAGIC, ShardEntry,
                      TensorEntry, WeightSet, _FROM_TYPESTR, _NAME_OK, _TORCH_NAMES, _align, _parse_manifest,
@@ -42,24 +41,6 @@ _NAME = re.compile(r"^([0-9a-f]{16})-([0-9]+)$")
 def default_store() -> Path:
     """``$DYNSNAP_WEIGHTS`` else ``<dynsnap home>/weights``."""
     return config.weights_store()
-
-
-def publish(dest: Path, write: Callable[[Path], None]) -> None:
-    """Make ``dest`` appear atomically: ``write(tmp)`` fills (and fsyncs) a temporary file next to it, which is
-    renamed to ``dest``, then the directory is fsynced; the temporary file is removed if anything fails.
-    Shared by the weight directory's objects and the weight store's manifests."""
-    directory = dest.parent
-    tmp = directory / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        write(tmp)
-        os.rename(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    fsync_path(directory)
 
 
 @dataclass

@@ -8,8 +8,9 @@ from typing import Dict, List, Optional
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_helpers import Worker, alive  # noqa: E402
+# The torch worker and its harness live in benches/ (bench_gpu.py drives the same worker).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benches"))
+from gpu_harness import Worker, alive  # noqa: E402
 
 
 def pytest_configure(config):

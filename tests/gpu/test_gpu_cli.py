@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from gpu_helpers import run_cuda_cli
+from gpu_harness import run_cuda_cli
 
 pytestmark = pytest.mark.gpu
 

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from gpu_helpers import alive, find_key, json_out, reap, run_cli, subreaper
+from gpu_harness import alive, find_key, json_out, reap, run_cli, subreaper
 
 pytestmark = [pytest.mark.gpu, pytest.mark.criu]
 
@@ -115,7 +115,7 @@ def test_worker_in_its_own_pid_namespace(tmp_path, restored):
     from dynsnap_core import proc
     from dynsnap_core.demo.worker import request
     from dynsnap_core.launch import launch
-    from gpu_helpers import WORKER, report_fact
+    from gpu_harness import WORKER, report_fact
 
     sock, ready, log = tmp_path / "w.sock", tmp_path / "ready", tmp_path / "w.log"
     init = launch([sys.executable, WORKER, "--gb", "1", "--sock", str(sock), "--ready", str(ready), "--seed", "77"],

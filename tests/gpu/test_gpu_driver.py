@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from gpu_helpers import nvidia_fds
+from gpu_harness import nvidia_fds
 
 pytestmark = pytest.mark.gpu
 

@@ -1,4 +1,4 @@
-"""Helpers of the GPU suite (imported by conftest and tests): the torch worker, process reaping, CLI runners."""
+"""The GPU harness shared by tests/gpu and benches/bench_gpu.py: the torch worker, process reaping, CLI runners."""
 from __future__ import annotations
 
 import ctypes
@@ -12,7 +12,7 @@ import uuid
 from typing import Any, List, Optional
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker_torch.py")
 PR_SET_CHILD_SUBREAPER = 36
 
