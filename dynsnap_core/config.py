@@ -113,28 +113,25 @@ defaults = Defaults()
 get = defaults.get
 
 
-def home() -> Path:
-    """$DYNSNAP_HOME, else /var/lib/dynsnap for root, else $XDG_DATA_HOME/dynsnap (~/.local/share/dynsnap)."""
-    v = get("home")
+def _place(name: str, as_root: str, xdg: str, xdg_default: Optional[str], last: Any) -> Path:
+    """The setting ``name`` when set, else ``as_root`` for root, else $``xdg``/dynsnap, else ``last()``."""
+    v = get(name)
     if v:
         return Path(v)
     if os.geteuid() == 0:
-        return Path("/var/lib/dynsnap")
-    xdg = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
-    return Path(xdg) / "dynsnap"
+        return Path(as_root)
+    base = os.environ.get(xdg) or (os.path.expanduser(xdg_default) if xdg_default else None)
+    return Path(base) / "dynsnap" if base else last()
+
+
+def home() -> Path:
+    """$DYNSNAP_HOME, else /var/lib/dynsnap for root, else $XDG_DATA_HOME/dynsnap (~/.local/share/dynsnap)."""
+    return _place("home", "/var/lib/dynsnap", "XDG_DATA_HOME", "~/.local/share", None)
 
 
 def run_dir() -> Path:
     """$DYNSNAP_RUN_DIR, else /run/dynsnap for root, else $XDG_RUNTIME_DIR/dynsnap, else the home's run/."""
-    v = get("run_dir")
-    if v:
-        return Path(v)
-    if os.geteuid() == 0:
-        return Path("/run/dynsnap")
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg:
-        return Path(xdg) / "dynsnap"
-    return home() / "run"
+    return _place("run_dir", "/run/dynsnap", "XDG_RUNTIME_DIR", None, lambda: home() / "run")
 
 
 def weights_store() -> Path:

@@ -19,15 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from dynsnap_core.durable import fsync_path
+from dynsnap_core._lib import load
 from dynsnap_core.errors import oserror
 
-try:
-    from dynsnap_core._lib import _io
-except ImportError as exc:  # pragma: no cover - depends on how the package was installed
-    raise ImportError(
-        "dynsnap_core's compiled I/O engine (dynsnap_core._lib._io) is missing: install the package "
-        "(`pip install .`, or `pip install -e .` / `python setup.py build_ext --inplace` in a source tree)"
-    ) from exc
+_io = load("_io", "I/O engine")
 
 __all__ = [
     "ENGINES", "DEFAULT_BLOCK_SIZE", "DEFAULT_QUEUE_DEPTH", "FileResult", "CopyResult",

@@ -33,15 +33,10 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence
 
+from dynsnap_core._lib import load
 from dynsnap_core.errors import MemfdError, SnapshotCorrupt, from_engine, oserror
 
-try:
-    from dynsnap_core._lib import _memfd
-except ImportError as exc:  # pragma: no cover - depends on how the package was installed
-    raise ImportError(
-        "dynsnap_core's compiled memfd engine (dynsnap_core._lib._memfd) is missing: install the package "
-        "(`pip install .`, or `pip install -e .` / `python setup.py build_ext --inplace` in a source tree)"
-    ) from exc
+_memfd = load("_memfd", "memfd engine")
 
 __all__ = [
     "HASH_CHUNK", "MemfdError", "Segment", "MemFd", "DumpResult", "restore", "dump", "create", "digest",

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .. import config
-from ..errors import DynsnapError
+from ..errors import DynsnapError, InvalidArgument
 from .ui import Reporter, _human
 
 PROG = "dynsnap"
@@ -78,15 +78,14 @@ def cmd_checkpoint(a) -> int:
 
 
 def _parse_device_map(text: Optional[str]) -> Optional[dict]:
+    """--device-map through the one parser (cuda.parse_device_map, shared with `dynsnap cuda`)."""
     if not text:
         return None
-    out = {}
-    for pair in text.split(","):
-        if "=" not in pair:
-            raise DynsnapError(f"bad --device-map entry {pair!r}: expected OLD_UUID=NEW_UUID", stage="preflight")
-        old, new = pair.split("=", 1)
-        out[old.strip()] = new.strip()
-    return out
+    from ..cuda import parse_device_map
+    try:
+        return parse_device_map(text)
+    except ValueError as e:
+        raise InvalidArgument(f"bad --device-map: {e}", stage="preflight") from None
 
 
 def cmd_restore(a) -> int:

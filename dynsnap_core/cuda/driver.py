@@ -348,13 +348,19 @@ def _timeout_msg(pid: int, timeout_ms: Optional[int]) -> str:
             "it keeps running: retry later or with a longer timeout")
 
 
+def _query(pid: int, op: str) -> Any:
+    """One driver query about ``pid`` (``state``, ``restore_tid``): its result tuple, or the typed error."""
+    pid = _check_pid(pid, op)
+    drv = _driver(op, pid)
+    res = _raw_call(drv, op, pid)
+    if _ename(res[0]) != "CUDA_SUCCESS":
+        raise _fail(drv, op, pid, res[0])
+    return res
+
+
 def state(pid: int) -> CudaState:
     """The CUDA checkpoint state of process ``pid`` (CudaNotCudaProcess if it does not use CUDA)."""
-    pid = _check_pid(pid, "state")
-    drv = _driver("state", pid)
-    res = _raw_call(drv, "state", pid)
-    if _ename(res[0]) != "CUDA_SUCCESS":
-        raise _fail(drv, "state", pid, res[0])
+    res = _query(pid, "state")
     st = _STATE_BY_NAME.get(_ename(res[1]))
     if st is None:
         raise CudaStateError(f"process {pid} is in CUDA state {_ename(res[1])}, which dynsnap does not handle",
@@ -364,12 +370,7 @@ def state(pid: int) -> CudaState:
 
 def restore_thread_id(pid: int) -> int:
     """The thread id of the driver's restore thread inside ``pid`` (what CRIU's CUDA plugin must let run)."""
-    pid = _check_pid(pid, "restore_tid")
-    drv = _driver("restore_tid", pid)
-    res = _raw_call(drv, "restore_tid", pid)
-    if _ename(res[0]) != "CUDA_SUCCESS":
-        raise _fail(drv, "restore_tid", pid, res[0])
-    return int(res[1])
+    return int(_query(pid, "restore_tid")[1])
 
 
 def lock(pid: int, timeout_ms: int = 10000) -> None:

@@ -41,6 +41,21 @@ def _why(e: BaseException) -> str:
     return text
 
 
+
+class _Counter:
+    """Bytes moved so far by the worker threads, reported as ``progress(phase, done, total)``."""
+
+    def __init__(self, phase: str, total: int, progress: Optional[Callable[[str, int, int], Any]]):
+        self.phase, self.total, self.progress = phase, total, progress
+        self.done = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, n: int) -> None:
+        with self._lock:
+            self.done += n
+            if self.progress:
+                self.progress(self.phase, self.done, self.total)
+
 class S3Store:
     """Snapshots under ``s3://BUCKET/PREFIX/<name>/``: the snapshot's files as objects, then ``COMPLETE``.
 
@@ -153,14 +168,7 @@ class S3Store:
         m = mf.read(snap_dir)
         rels = [f["path"] for f in m["files"]]
         total = sum(f["size"] for f in m["files"]) + (snap_dir / mf.MANIFEST_NAME).stat().st_size
-        done = [0]
-        lock = threading.Lock()
-
-        def advance(n: int) -> None:
-            with lock:
-                done[0] += n
-                if progress:
-                    progress("upload", done[0], total)
+        advance = _Counter("upload", total, progress)
         parts: dict[str, list[str]] = {}
         uploads: dict[str, str] = {}
         try:
@@ -256,14 +264,7 @@ class S3Store:
             (staging / mf.MANIFEST_NAME).write_bytes(raw)
             m = mf.read(staging)
             total = sum(f["size"] for f in m["files"])
-            done = [0]
-            lock = threading.Lock()
-
-            def advance(n: int) -> None:
-                with lock:
-                    done[0] += n
-                    if progress:
-                        progress("download", done[0], total)
+            advance = _Counter("download", total, progress)
             part_size = int(marker.get("part_size") or self.part_size)
             jobs = []
             fds = {}

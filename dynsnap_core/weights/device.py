@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Optional
 
+from .._lib import load
 from ..errors import GpuUnavailable
 from .format import DTYPE_SIZES, TYPESTR
 
@@ -20,11 +21,9 @@ _DEVICES: dict[int, Any] = {}
 
 def _h2d() -> Any:
     try:
-        from dynsnap_core._lib import _h2d as mod
+        return load("_h2d", "GPU copy module")
     except ImportError as exc:
-        raise GpuUnavailable("dynsnap_core's GPU copy module (dynsnap_core._lib._h2d) is missing: install the "
-                             f"package or run `python setup.py build_ext --inplace` ({exc})") from None
-    return mod
+        raise GpuUnavailable(str(exc), stage="weights") from None
 
 
 def gpu_available() -> tuple[bool, str]:
