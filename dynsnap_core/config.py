@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-__all__ = ["SETTINGS", "Setting", "Defaults", "defaults", "get", "home", "run_dir", "weights_store",
+__all__ = ["SETTINGS", "Setting", "Defaults", "defaults", "get", "home", "run_dir", "snapshots_root", "weights_store",
            "test_hook"]
 
 
@@ -132,6 +132,11 @@ def home() -> Path:
 def run_dir() -> Path:
     """$DYNSNAP_RUN_DIR, else /run/dynsnap for root, else $XDG_RUNTIME_DIR/dynsnap, else the home's run/."""
     return _place("run_dir", "/run/dynsnap", "XDG_RUNTIME_DIR", None, lambda: home() / "run")
+
+
+def snapshots_root() -> Path:
+    """Where named snapshots live: ``<dynsnap home>/snapshots``."""
+    return home() / "snapshots"
 
 
 def weights_store() -> Path:

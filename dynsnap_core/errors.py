@@ -266,3 +266,11 @@ def from_engine(e: OSError, stage: str) -> BaseException:
     out = OSError(e.errno, msg)
     out.filename = e.filename
     return out
+
+
+class MemsvcError(DynsnapError):
+    """The memory service refused or failed a request; ``code`` says why (busy, not_found, failed, ...)."""
+
+    def __init__(self, message: str, *, code: str = "internal", **kw: Any):
+        super().__init__(message, **kw)
+        self.code = code

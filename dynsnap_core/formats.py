@@ -22,13 +22,13 @@ class FileKind:
 
 
 SNAPSHOT_MANIFEST = FileKind("snapshot manifest", "SNAPSHOT/manifest.json", "dynsnap-snapshot", 2,
-                             "dynsnap_core.manifest", "process, versions, files with size + xxh3-64, timings, "
+                             "dynsnap_core.snapshot.manifest", "process, versions, files with size + xxh3-64, timings, "
                              "GPU facts, root digest (sha256) over all of it; written last, then the staging "
                              "directory is renamed")
 SNAPSHOT_WEIGHTS = FileKind("regions outside the image", "manifest.json: 'weights'", "dynsnap-weights", 1,
-                            "dynsnap_core.memsvc", "memory-service regions stored by content in a weight dir")
+                            "dynsnap_core.snapshot.regions", "memory-service regions stored by content in a weight dir")
 WEIGHT_SET = FileKind("weight set manifest", "STORE/sets/NAME.json", "dynsnap-weightset", 1,
-                      "dynsnap_core.weights", "tensors: name, dtype, shape, shard, offset, nbytes, checksum")
+                      "dynsnap_core.weights.store", "tensors: name, dtype, shape, shard, offset, nbytes, checksum")
 
 KINDS = [
     SNAPSHOT_MANIFEST,
@@ -37,7 +37,7 @@ KINDS = [
              "CRIU's protobuf images, each opening with CRIU's magic numbers; pages-*.img are raw pages"),
     FileKind("CRIU dump log", "SNAPSHOT/criu/dump.log", None, None, "CRIU", "CRIU's log of the dump"),
     WEIGHT_SET,
-    FileKind("weight object", "STORE/objects/DIGEST-SIZE", None, None, "dynsnap_core.weightdir",
+    FileKind("weight object", "STORE/objects/DIGEST-SIZE", None, None, "dynsnap_core.weights.store",
              "raw shard or region bytes, 4 KiB aligned, named by chunked XXH3-64 digest and size"),
 ]
 

@@ -25,15 +25,14 @@ from __future__ import annotations
 
 import ctypes
 import errno as _errno
-import json
 import mmap
 import os
 import socket
-import struct
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence
 
 from dynsnap_core._lib import load
+from dynsnap_core.memsvc.protocol import recv_message, send_message
 from dynsnap_core.errors import MemfdError, SnapshotCorrupt, from_engine, oserror
 
 _memfd = load("_memfd", "memfd engine")
@@ -46,8 +45,6 @@ __all__ = [
 
 #: The region digest is defined over chunks of this many bytes.
 HASH_CHUNK: int = _memfd.HASH_CHUNK
-_MAX_FDS = 64
-_HDR = struct.Struct("<I")
 _live = {"opened": 0, "closed": 0}
 
 
@@ -461,50 +458,4 @@ def view_at(address: int, size: int) -> memoryview:
 
 # ---- messages with fds over Unix sockets ----
 
-def send_message(sock: socket.socket, obj: dict, fds: Sequence[int] = ()) -> None:
-    """One JSON message (length-prefixed) with optional fds (SCM_RIGHTS) on a Unix socket of any type."""
-    body = json.dumps(obj, separators=(",", ":")).encode()
-    data = _HDR.pack(len(body)) + body
-    if fds:
-        sent = socket.send_fds(sock, [data], list(fds))
-    else:
-        sent = sock.send(data)
-    if sent < len(data):
-        sock.sendall(data[sent:])
 
-
-def recv_message(sock: socket.socket, max_bytes: int = 1 << 16) -> tuple[dict, list[int]]:
-    """Receive one ``send_message`` message; returns (obj, fds). Raises ConnectionError on EOF."""
-    if sock.type == socket.SOCK_STREAM:
-        head, fds, _fl, _a = socket.recv_fds(sock, _HDR.size, _MAX_FDS)
-        while head and len(head) < _HDR.size:
-            more = sock.recv(_HDR.size - len(head))
-            if not more:
-                break
-            head += more
-        if len(head) < _HDR.size:
-            for fd in fds:
-                os.close(fd)
-            raise ConnectionError("connection closed")
-        (n,) = _HDR.unpack(head)
-        body = b""
-        while len(body) < n:
-            more = sock.recv(n - len(body))
-            if not more:
-                for fd in fds:
-                    os.close(fd)
-                raise ConnectionError("connection closed mid-message")
-            body += more
-    else:
-        data, fds, _fl, _a = socket.recv_fds(sock, max_bytes + _HDR.size, _MAX_FDS)
-        if not data:
-            for fd in fds:
-                os.close(fd)
-            raise ConnectionError("connection closed")
-        (n,) = _HDR.unpack(data[:_HDR.size])
-        body = data[_HDR.size:_HDR.size + n]
-    if len(body) > max_bytes:
-        for fd in fds:
-            os.close(fd)
-        raise ConnectionError(f"message of {len(body)} bytes is larger than {max_bytes}")
-    return json.loads(body), list(fds)

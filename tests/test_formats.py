@@ -5,17 +5,17 @@ import json
 
 import numpy as np
 
-from dynsnap_core import formats, memsvc, weights
-from dynsnap_core.snapshot import manifest
+from dynsnap_core import formats, weights
+from dynsnap_core.snapshot import manifest, regions
 from helpers import cli
 
 
 def test_kinds_match_the_writers():
     assert (formats.SNAPSHOT_MANIFEST.magic, formats.SNAPSHOT_MANIFEST.format) == (manifest.MAGIC,
                                                                                    manifest.FORMAT_VERSION)
-    assert (formats.WEIGHT_SET.magic, formats.WEIGHT_SET.format) == (weights.MAGIC, weights.FORMAT_VERSION)
-    assert (formats.SNAPSHOT_WEIGHTS.magic, formats.SNAPSHOT_WEIGHTS.format) == (memsvc.REGIONS_MAGIC,
-                                                                                 memsvc.REGIONS_FORMAT)
+    assert (weights.MAGIC, weights.FORMAT_VERSION) == (formats.WEIGHT_SET.magic, formats.WEIGHT_SET.format) == (
+        "dynsnap-weightset", 1)
+    assert (regions.REGIONS_MAGIC, regions.REGIONS_FORMAT) == ("dynsnap-weights", 1)    # what snapshots on disk say
     assert len({k.name for k in formats.KINDS}) == len(formats.KINDS)
 
 

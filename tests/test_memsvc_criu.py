@@ -8,6 +8,7 @@ import pytest
 
 import dynsnap_core
 from dynsnap_core import memfd, memsvc
+from dynsnap_core.snapshot import regions
 from dynsnap_core.weights.store import WeightDir
 
 from test_memsvc_service import client_proc, load_ready, service  # noqa: F401  (fixtures)
@@ -62,16 +63,16 @@ def test_weight_dir_checkpoint_and_parallel_restore(service, client_proc, region
         load_ready(c, "weights", p, dig)
     cp = client_proc(svc.path, "weights")
     before = cp.request("info")
-    snap = memsvc.checkpoint_with_regions(cp.pid, tmp_path / "snap", service=svc.path, regions=["weights"],
+    snap = regions.checkpoint_with_regions(cp.pid, tmp_path / "snap", service=svc.path, regions=["weights"],
                                           store=store, quiesce_worker=lambda: cp.request("detach"))
-    meta = memsvc.read_regions(snap.path)
+    meta = regions.read_regions(snap.path)
     assert meta["regions"] == [{"name": "weights", "digest": dig, "size": 96 * MiB + 5}]
     assert WeightDir(store).has(dig, 96 * MiB + 5)
     # a fresh node: the service no longer holds the region; the restore loads it while CRIU restores
     with svc.client() as c:
         c.drop("weights", force=True)
         assert c.list() == []
-    _restore_and_reattach(cp, before, lambda: memsvc.restore_with_regions(snap.path, service=svc.path))
+    _restore_and_reattach(cp, before, lambda: regions.restore_with_regions(snap.path, service=svc.path))
     with svc.client() as c:
         [info] = c.list()
         assert info["state"] == "ready" and info["digest"] == dig

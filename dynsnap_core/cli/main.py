@@ -57,7 +57,7 @@ def cmd_checkpoint(a) -> int:
         kw = dict(leave_running=a.leave_running, cuda_lock_timeout_ms=a.timeout_ms, progress=rep.update,
                   log=rep.say)
         if a.memsvc:
-            from ..memsvc.service import checkpoint_with_regions
+            from ..snapshot.regions import checkpoint_with_regions
             if not a.regions:
                 raise DynsnapError("--memsvc needs --regions NAME[,NAME...]: the regions to keep outside the "
                                    "image", stage="preflight")
@@ -95,7 +95,7 @@ def cmd_restore(a) -> int:
         if a.thp:
             kw["thp"] = True
         if a.memsvc:
-            from ..memsvc.service import restore_with_regions
+            from ..snapshot.regions import restore_with_regions
             r = restore_with_regions(a.dir, service=a.memsvc, store=a.weights_store, **kw)
         else:
             src = a.dir
@@ -283,8 +283,8 @@ def cmd_weights(a) -> int:
 
 
 def cmd_memsvc(a) -> int:
-    from .. import memsvc
-    return memsvc.main(a.socket, threads=a.threads, quiet=a.quiet, allow=a.allow or (), group=a.group)
+    from ..memsvc.service import main
+    return main(a.socket, threads=a.threads, quiet=a.quiet, allow=a.allow or (), group=a.group)
 
 
 def _housekeeping() -> None:

@@ -52,6 +52,7 @@ def run(mb: int = 512, keep: bool = False, rep: Reporter | None = None, memsvc: 
     svc = None
     if memsvc:
         from .. import memsvc as ms
+        from ..snapshot import regions
         svc_sock = work / "memsvc.sock"
         svc_log = open(work / "memsvc.log", "wb")     # not the worker's log: CRIU checks that file's size
         svc = ms.spawn(svc_sock, log=svc_log, allow=[work])
@@ -77,7 +78,7 @@ def run(mb: int = 512, keep: bool = False, rep: Reporter | None = None, memsvc: 
 
         t0 = time.perf_counter()
         if svc is not None:
-            snap = ms.checkpoint_with_regions(target, snapdir, service=svc_sock, regions=["demo-state"],
+            snap = regions.checkpoint_with_regions(target, snapdir, service=svc_sock, regions=["demo-state"],
                                               store=work / "weights", progress=rep.update,
                                               quiesce_worker=lambda: request(str(sock), "detach"))
         else:
@@ -97,7 +98,7 @@ def run(mb: int = 512, keep: bool = False, rep: Reporter | None = None, memsvc: 
             with ms.Client(svc_sock) as c:      # as on a fresh node: the service must load the weights again
                 c.drop("demo-state", force=True)
             t0 = time.perf_counter()
-            r = ms.restore_with_regions(snapdir, service=svc_sock, progress=rep.update)
+            r = regions.restore_with_regions(snapdir, service=svc_sock, progress=rep.update)
             request(str(sock), "attach")
         else:
             r = restore(snapdir, progress=rep.update)

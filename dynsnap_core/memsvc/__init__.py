@@ -1,13 +1,27 @@
-"""The memory service: a daemon that holds memfd regions across a worker's checkpoint and restore.
+"""The host memory service: ``protocol`` (the wire: framed JSON + fds, peer credentials), ``client`` (Client,
+Attachment, quiesce, resume: what workers and dynsnap use), ``service`` (the daemon: MemoryService, spawn, main).
 
-Every name of ``service`` is reachable here (``memsvc.Client``, ``memsvc.spawn``, ...).
+``from dynsnap_core import memsvc; memsvc.Client(...)`` keeps working. The submodules load when first used, so
+that ``memfd`` can use ``memsvc.protocol`` without loading the daemon. Snapshots with regions kept in the service
+(checkpoint_with_regions, restore_with_regions, read_regions) live in ``dynsnap_core.snapshot.regions``.
 """
 from __future__ import annotations
 
-from . import service as _service
-from .service import *  # noqa: F401,F403
-from .service import __all__  # noqa: F401
+import importlib
+from typing import Any
+
+from ..errors import MemsvcError  # noqa: F401
+
+_WHERE = {"Client": "client", "Attachment": "client", "quiesce": "client", "resume": "client",
+          "MemoryService": "service", "spawn": "service", "main": "service",
+          "send_message": "protocol", "recv_message": "protocol"}
+
+__all__ = ["MemsvcError", *_WHERE]
 
 
-def __getattr__(name: str):
-    return getattr(_service, name)
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    if name in ("protocol", "client", "service"):
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

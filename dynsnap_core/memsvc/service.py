@@ -1,57 +1,28 @@
-"""Host memory service: a daemon that owns named memfd regions (weights) outside the worker, and its client.
-
-The service (``dynsnap memsvc --socket PATH``) keeps regions as sealed memfds, loads them from files
-(e.g. a content-addressed weight directory) with parallel memfd restoration, and hands them to
-clients over a SOCK_SEQPACKET Unix socket with SCM_RIGHTS. A region is handed out only once its
-fill is complete and its digest matched; while it loads, ``get`` answers ``busy`` or waits.
-A client that dies only drops its holds; the service keeps serving the others.
-
-Protocol: one JSON message per request and reply (``memfd.send_message``), fds attached to replies.
-Requests: ``ping``, ``load`` (regions: [{name, path, offset, length, digest}]), ``get`` (name, wait,
-timeout), ``create`` (name, size) + ``publish`` (name), ``release``, ``list``, ``drop`` (name, force),
-``save`` (names, store), ``shutdown``. Replies: ``{"ok": true, ...}`` or
-``{"ok": false, "error": CODE, "message": TEXT}`` with CODE in not_found, busy, failed, exists,
-held, bad_request, timeout, internal.
-
-The worker side is ``Attachment``: a region mapped read-only at an address it reserved. Before a
-checkpoint the worker calls ``quiesce`` (detach: the mapping becomes an empty PROT_NONE reservation,
-no memfd fd stays open, the connection to the service is closed), after restore ``resume``
-re-attaches at the same address, so pointers into the region stay valid.
-``checkpoint_with_regions`` / ``restore_with_regions`` store the regions once in a weight directory
-and run the service's memfd restore and CRIU's restore at the same time.
+"""The memory service daemon (``dynsnap memsvc --socket PATH``): it owns named memfd regions (weights) outside
+the worker, keeps them as sealed memfds, loads them from files (e.g. a content-addressed weight directory) with
+parallel memfd restoration, and hands them to clients over a SOCK_SEQPACKET Unix socket with SCM_RIGHTS
+(``protocol``). A region is handed out only once its fill is complete and its digest matched; while it loads,
+``get`` answers ``busy`` or waits. A client that dies only drops its holds; the service keeps serving the others.
+Clients and the worker side live in ``client``; snapshots with regions in ``dynsnap_core.snapshot.regions``.
 """
 from __future__ import annotations
 
 import errno
 import os
 import socket
-import struct
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 from .. import config, memfd
-from ..errors import DynsnapError, SnapshotCorrupt
+from ..errors import DynsnapError, MemsvcError
+from .client import Client
+from .protocol import peer_cred, peer_groups, recv_message, send_message
 
-__all__ = [
-    "MemsvcError", "MemoryService", "Client", "Attachment", "quiesce", "resume", "spawn",
-    "checkpoint_with_regions", "restore_with_regions", "read_regions", "main",
-]
-
-REGIONS_MAGIC = "dynsnap-weights"
-REGIONS_FORMAT = 1
-
-
-class MemsvcError(DynsnapError):
-    """The memory service refused or failed a request; ``code`` says why (busy, not_found, failed, ...)."""
-
-    def __init__(self, message: str, *, code: str = "internal", **kw: Any):
-        super().__init__(message, **kw)
-        self.code = code
+__all__ = ["MemoryService", "spawn", "main"]
 
 
 class _Refuse(Exception):
@@ -94,27 +65,9 @@ def _group_id(group: str | int) -> int:
 
 def _allowed_roots(extra: Iterable[str | os.PathLike]) -> list[str]:
     """The directories the service may open files in: the weight store, the snapshot root, and ``extra``."""
-    from ..snapshot import snapshots_root
     from ..weights.store import default_store
-    roots = [default_store(), snapshots_root(), *extra]
+    roots = [default_store(), config.snapshots_root(), *extra]
     return sorted({os.path.realpath(str(r)) for r in roots})
-
-
-def _peer_cred(conn: socket.socket) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the process that connected (SO_PEERCRED: set by the kernel, not by the client)."""
-    raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", raw)
-    return pid, uid, gid
-
-
-def _peer_groups(conn: socket.socket, pid: int) -> list[int]:
-    """The peer's supplementary groups (SO_PEERGROUPS, Linux >= 4.13)."""
-    so_peergroups = getattr(socket, "SO_PEERGROUPS", 59)
-    try:
-        raw = conn.getsockopt(socket.SOL_SOCKET, so_peergroups, 4 * 256)
-    except OSError:
-        return []
-    return list(struct.unpack(f"{len(raw) // 4}I", raw[:len(raw) // 4 * 4]))
 
 
 def _nonneg_int(v: Any) -> bool:
@@ -264,12 +217,12 @@ class MemoryService:
         """Why the peer of ``conn`` may not use the service (SO_PEERCRED), or None: root, the service's own user,
         and with a configured group its members, may; nobody else."""
         try:
-            pid, uid, gid = _peer_cred(conn)
+            pid, uid, gid = peer_cred(conn)
         except OSError as e:
             return f"cannot read the peer's credentials: {e.strerror}"
         if uid == 0 or uid == os.geteuid():
             return None
-        if self.gid is not None and (gid == self.gid or self.gid in _peer_groups(conn, pid)):
+        if self.gid is not None and (gid == self.gid or self.gid in peer_groups(conn, pid)):
             return None
         return f"uid {uid} (pid {pid}) may not use this memory service"
 
@@ -277,12 +230,12 @@ class MemoryService:
         try:
             while not self._stop.is_set():
                 try:
-                    req, fds = memfd.recv_message(conn)
+                    req, fds = recv_message(conn)
                 except (ConnectionError, OSError):
                     break
                 except Exception:  # noqa: BLE001 - a malformed frame: answer once, then hang up
                     try:
-                        memfd.send_message(conn, {"ok": False, "error": "bad_request",
+                        send_message(conn, {"ok": False, "error": "bad_request",
                                                   "message": "malformed message (not one JSON object in a frame)"})
                     except OSError:
                         pass
@@ -305,7 +258,7 @@ class MemoryService:
                 except Exception as e:  # noqa: BLE001 - one bad request must not kill the service
                     reply = {"ok": False, "error": "internal", "message": f"{type(e).__name__}: {e}"}
                 try:
-                    memfd.send_message(conn, reply, out_fds)
+                    send_message(conn, reply, out_fds)
                 except OSError:
                     break
                 if isinstance(req, dict) and req.get("op") == "shutdown" and reply.get("ok"):
@@ -538,208 +491,6 @@ class MemoryService:
 
 # ---------------------------------------------------------------- client
 
-class Client:
-    """A connection to the memory service. It connects on first use; ``close()`` before a checkpoint."""
-
-    def __init__(self, socket_path: str | os.PathLike, *, timeout: float = 300.0):
-        self.socket_path = str(socket_path)
-        self.timeout = timeout
-        self._sock: Optional[socket.socket] = None
-
-    def _conn(self) -> socket.socket:
-        if self._sock is None:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            s.settimeout(self.timeout)
-            try:
-                s.connect(self.socket_path)
-            except OSError as e:
-                s.close()
-                raise MemsvcError(f"cannot reach the memory service at {self.socket_path}: {e.strerror or e}",
-                                  code="unreachable", stage="connect", path=self.socket_path,
-                                  errno=e.errno) from None
-            self._sock = s
-        return self._sock
-
-    def request(self, obj: dict) -> tuple[dict, list[int]]:
-        """Send one request, return (reply, fds); raises MemsvcError for a refusal."""
-        s = self._conn()
-        try:
-            memfd.send_message(s, obj)
-            reply, fds = memfd.recv_message(s)
-        except (OSError, ConnectionError) as e:
-            self.close()
-            raise MemsvcError(f"memory service at {self.socket_path} went away during {obj.get('op')}: {e}",
-                              code="unreachable", stage=str(obj.get("op")), path=self.socket_path) from None
-        if not reply.get("ok"):
-            for fd in fds:
-                os.close(fd)
-            raise MemsvcError(reply.get("message", "request failed"), code=reply.get("error", "internal"),
-                              stage=str(obj.get("op")))
-        return reply, fds
-
-    def ping(self) -> dict:
-        return self.request({"op": "ping"})[0]
-
-    def load(self, name: str, path: str | os.PathLike, offset: int = 0, length: Optional[int] = None,
-             digest: Optional[str] = None) -> str:
-        """Start loading one region from a file; returns its state (loading or ready)."""
-        return self.load_many([{"name": name, "path": str(path), "offset": offset, "length": length,
-                                "digest": digest}])[name]
-
-    def load_many(self, regions: Iterable[dict]) -> dict:
-        """Start loading regions ({name, path, offset, length, digest}) in one parallel fill."""
-        specs = []
-        for r in regions:
-            r = dict(r)
-            r["path"] = os.path.abspath(str(r["path"]))
-            if r.get("length") is None:
-                r["length"] = os.stat(r["path"]).st_size - int(r.get("offset") or 0)
-            specs.append(r)
-        return self.request({"op": "load", "regions": specs})[0]["states"]
-
-    def get(self, name: str, *, wait: bool = True, timeout: Optional[float] = None) -> memfd.MemFd:
-        """The region's sealed memfd once it is loaded and verified (``wait=False``: MemsvcError busy)."""
-        reply, fds = self.request({"op": "get", "name": name, "wait": wait, "timeout": timeout})
-        for fd in fds[1:]:
-            os.close(fd)
-        return memfd.MemFd.from_message(reply["memfd"], fds[0])
-
-    def create(self, name: str, size: int) -> memfd.MemFd:
-        """A new writable region; fill it, unmap it, then ``publish``."""
-        reply, fds = self.request({"op": "create", "name": name, "size": size})
-        return memfd.MemFd.from_message(reply["memfd"], fds[0])
-
-    def publish(self, name: str) -> str:
-        return self.request({"op": "publish", "name": name})[0]["digest"]
-
-    def release(self, name: str) -> None:
-        self.request({"op": "release", "name": name})
-
-    def list(self) -> list[dict]:
-        return self.request({"op": "list"})[0]["regions"]
-
-    def drop(self, name: str, *, force: bool = False) -> None:
-        self.request({"op": "drop", "name": name, "force": force})
-
-    def save(self, names: list[str], store: str | os.PathLike | None = None) -> dict:
-        """Store regions in a content-addressed weight directory (the service writes them); name -> entry."""
-        from ..weights.store import default_store
-        return self.request({"op": "save", "names": names, "store": str(store or default_store())})[0]["regions"]
-
-    def shutdown(self) -> None:
-        try:
-            self.request({"op": "shutdown"})
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-
-    def __enter__(self) -> "Client":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-
-class Attachment:
-    """A service region mapped read-only at a fixed address of this process.
-
-    ``address`` stays reserved from ``attach`` to ``close``: between ``detach`` and ``reattach`` it is
-    an empty PROT_NONE reservation (nothing for CRIU to dump), and no fd of the memfd is kept.
-    """
-
-    def __init__(self, name: str, address: int, size: int, map_size: int, digest: Optional[str]):
-        self.name = name
-        self.address = address
-        self.size = size
-        self.map_size = map_size
-        self.digest = digest
-        self.attached = False
-
-    @classmethod
-    def attach(cls, client: Client, name: str, *, wait: bool = True,
-               timeout: Optional[float] = None) -> "Attachment":
-        """Reserve address space, map the region there, close the fd."""
-        with client.get(name, wait=wait, timeout=timeout) as m:
-            a = cls(name, memfd.reserve(max(m.map_size, 4096)), m.size, max(m.map_size, 4096), m.digest)
-            if m.size:
-                memfd.attach(m.fd, a.address, m.map_size, writable=False)
-        a.attached = True
-        return a
-
-    @classmethod
-    def create(cls, client: Client, name: str, size: int, fill: Callable[[memoryview], Any]) -> "Attachment":
-        """Create a region in the service, fill it in place at its final address, publish it, map it read-only."""
-        with client.create(name, size) as m:
-            a = cls(name, memfd.reserve(max(m.map_size, 4096)), m.size, max(m.map_size, 4096), None)
-            try:
-                if m.size:
-                    memfd.attach(m.fd, a.address, m.map_size, writable=True)
-                    v = memfd.view_at(a.address, m.size)
-                    try:
-                        fill(v)
-                    finally:
-                        v.release()
-                memfd.detach(a.address, a.map_size)      # no writable mapping may remain for the seal
-            except BaseException:
-                memfd.release(a.address, a.map_size)
-                raise
-        a.digest = client.publish(name)
-        a.reattach(client)
-        return a
-
-    def view(self) -> memoryview:
-        """Zero-copy memoryview of the region (only while attached)."""
-        if not self.attached:
-            raise MemsvcError(f"region {self.name!r} is detached", code="detached", stage="view")
-        return memfd.view_at(self.address, self.size)
-
-    def detach(self, client: Optional[Client] = None) -> None:
-        """Unmap the region, keep the address range reserved; tell the service (when connected)."""
-        if not self.attached:
-            return
-        memfd.detach(self.address, self.map_size)
-        self.attached = False
-        if client is not None:
-            try:
-                client.release(self.name)
-            except MemsvcError:
-                pass
-
-    def reattach(self, client: Client, *, wait: bool = True, timeout: Optional[float] = None) -> None:
-        """Map the region again at the same address; refuses different content (size or digest)."""
-        if self.attached:
-            return
-        with client.get(self.name, wait=wait, timeout=timeout) as m:
-            if m.size != self.size or (self.digest and m.digest != self.digest):
-                raise MemsvcError(f"region {self.name!r} changed: {m.size} bytes digest {m.digest}, this process "
-                                  f"had {self.size} bytes digest {self.digest}", code="changed", stage="reattach")
-            if m.size:
-                memfd.attach(m.fd, self.address, m.map_size, writable=False)
-        self.digest = self.digest or m.digest
-        self.attached = True
-
-    def close(self) -> None:
-        """Unmap and give the address range back."""
-        memfd.release(self.address, self.map_size)
-        self.attached = False
-
-
-def quiesce(attachments: Iterable[Attachment], client: Client) -> None:
-    """Before a checkpoint: detach every region (reservations stay) and close the service connection."""
-    for a in attachments:
-        a.detach(client)
-    client.close()
-
-
-def resume(attachments: Iterable[Attachment], client: Client, *, timeout: Optional[float] = None) -> None:
-    """After a restore: re-attach every region at its old address (waits while the service loads it)."""
-    for a in attachments:
-        a.reattach(client, wait=True, timeout=timeout)
-
 
 def spawn(socket_path: str | os.PathLike, *, threads: Optional[int] = None, log: Any = None,
           env: Optional[dict] = None, timeout: float = 30.0, allow: Iterable[str | os.PathLike] = (),
@@ -772,57 +523,6 @@ def spawn(socket_path: str | os.PathLike, *, threads: Optional[int] = None, log:
             time.sleep(0.02)
 
 
-# ------------------------------------------------------- snapshot integration
-
-def read_regions(snapshot_dir: str | os.PathLike) -> Optional[dict]:
-    """The snapshot's regions kept outside the image (the manifest's ``weights`` entry), or None."""
-    from ..snapshot import manifest as mf
-    m = mf.read(Path(snapshot_dir))
-    meta = m.get("weights")
-    if meta is None:
-        return None
-    p = Path(snapshot_dir) / mf.MANIFEST_NAME
-    if not isinstance(meta, dict) or meta.get("magic") != REGIONS_MAGIC or meta.get("format") != REGIONS_FORMAT:
-        raise SnapshotCorrupt(f"{p} has a malformed 'weights' entry (not dynsnap weights format "
-                              f"{REGIONS_FORMAT})", stage="restore", path=str(p))
-    return meta
-
-
-def checkpoint_with_regions(pid: int, out: str | os.PathLike | None, *, service: str | os.PathLike,
-                            regions: list[str], store: str | os.PathLike | None = None,
-                            quiesce_worker: Optional[Callable[[], Any]] = None, **kw: Any):
-    """Store ``regions`` once in the weight directory (by content), let the worker detach, CRIU-checkpoint it,
-    and record the regions in the snapshot's manifest (entry ``weights``, committed atomically with the rest).
-    Returns the Snapshot."""
-    from ..snapshot import checkpoint
-    from ..weights.store import WeightDir
-    wd = WeightDir(store)
-    t0 = time.perf_counter()
-    with Client(service) as c:
-        saved = c.save(regions, wd.root)
-    t_store = time.perf_counter() - t0
-    if quiesce_worker is not None:
-        quiesce_worker()
-    meta = {"magic": REGIONS_MAGIC, "format": REGIONS_FORMAT, "store": str(wd.root.absolute()),
-            "regions": [{"name": n, "digest": saved[n]["digest"], "size": saved[n]["size"]} for n in regions],
-            "store_s": t_store, "written_bytes": sum(saved[n]["size"] for n in regions if saved[n]["written"])}
-    return checkpoint(pid, out, extra_manifest={"weights": meta}, **kw)
-
-
-def restore_with_regions(path: str | os.PathLike, *, service: str | os.PathLike,
-                         store: str | os.PathLike | None = None, **kw: Any):
-    """Ask the service to load the snapshot's regions (parallel memfd restore, in the service) and run the
-    CRIU restore at the same time. The restored worker re-attaches (waiting until its regions are ready)."""
-    from ..snapshot import restore
-    from ..weights.store import WeightDir
-    meta = read_regions(path)
-    with Client(service) as c:
-        c.ping()                     # a service that cannot be reached is said before anything is restored
-        if meta:
-            wd = WeightDir(store or meta["store"])
-            c.load_many([{"name": r["name"], "path": str(wd.path(r["digest"], r["size"])), "offset": 0,
-                          "length": r["size"], "digest": r["digest"]} for r in meta["regions"]])
-    return restore(path, **kw)
 
 
 def main(socket_path: str, threads: Optional[int] = None, quiet: bool = False, allow: Iterable[str] = (),

@@ -31,7 +31,7 @@ def default_home() -> Path:
 
 
 def snapshots_root() -> Path:
-    return default_home() / "snapshots"
+    return config.snapshots_root()
 
 
 def resolve(path_or_name: str | os.PathLike) -> Path:

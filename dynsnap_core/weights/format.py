@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
 from ..errors import ShardCorrupt
+from ..formats import WEIGHT_SET as _KIND
 
 if TYPE_CHECKING:
     from .store import Store
@@ -24,8 +25,8 @@ if TYPE_CHECKING:
 __all__ = ["MAGIC", "FORMAT_VERSION", "CHECKSUM", "ALIGN", "DEFAULT_SHARD_BYTES", "DTYPE_SIZES", "TYPESTR",
            "TensorEntry", "ShardEntry", "WeightSet"]
 
-MAGIC = "dynsnap-weightset"
-FORMAT_VERSION = 1
+MAGIC = _KIND.magic
+FORMAT_VERSION = _KIND.format
 CHECKSUM = "xxh3-64-chunked-8MiB"     # the memfd region digest (see module docstring)
 ALIGN = 4096
 DEFAULT_SHARD_BYTES = 512 << 20

@@ -306,7 +306,7 @@ def _memfds(ws: WeightSet, memsvc: Any, verify: bool) -> tuple[list, Any, list]:
             return memfd.restore(segs, populate=True), None, []
         except SnapshotCorrupt as e:
             raise _corrupt(ws, e) from None
-    from ..memsvc.service import Client
+    from ..memsvc.client import Client
     client = memsvc if isinstance(memsvc, Client) else Client(memsvc)
     names = [f"weights/{s.digest}-{s.size}" for s in ws.shards]
     client.load_many([{"name": n, "path": ws.shard_path(i), "digest": s.digest, "length": s.size}
