@@ -2,8 +2,10 @@
 
 Verbs: ``launch(cmd)`` -> pid (a worker in its own pid namespace), ``checkpoint(pid, out)`` -> Snapshot,
 ``restore(path)`` -> RestoredProcess, ``Snapshot.verify()``.
-Components live in one module each: ``criu`` (CRIU driver), ``snapshot`` (orchestration), ``manifest``
-(format), ``io`` (C I/O engine), ``cuda`` (driver checkpoint API), ``doctor`` (system checks).
+Subpackages: ``snapshot`` (checkpoint, restore, the manifest format, verify), ``weights`` (weight store and
+loading), ``memsvc`` (host memory service), ``cuda`` (driver checkpoint API), ``compat``, ``storage``, ``agent``;
+on top ``cli``, ``bench``, ``demo``. Components: ``criu``, ``io``, ``memfd``, ``journal``, ... Bottom modules:
+``errors``, ``config``, ``formats``, ``durable`` (README's Layout section names every module).
 """
 from __future__ import annotations
 

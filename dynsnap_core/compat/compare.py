@@ -269,9 +269,9 @@ def _paths(compat: Optional[dict]) -> Fact:
 
 
 def _images(path: Path, m: dict) -> Fact:
-    from ..snapshot import manifest as mf
+    from ..snapshot import verify as sv
     try:
-        mf.check_sizes(path, m)
+        sv.check_sizes(path, m)
     except SnapshotCorrupt as e:
         return Fact("snapshot files", REFUSE, e.message, "fetch the snapshot again or take a new one")
     return Fact("snapshot files", OK, f"{len(m['files'])} files present with their recorded sizes")

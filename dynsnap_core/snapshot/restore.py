@@ -16,6 +16,7 @@ from typing import Optional
 
 from .. import criu_images, thp_scope
 from . import manifest as mf
+from . import verify as sv
 from .. import config, proc
 from ..criu import find_criu, require_privilege, run_limits
 from ..journal import recover, restore_entry
@@ -54,7 +55,7 @@ class Snapshot:
         With ``prefetch`` the reads go through the page cache, leaving the images there for a restore.
         """
         cb = (lambda d, t: progress("verify", d, t)) if progress else None
-        return mf.verify_files(self.path, self.manifest, direct=not prefetch, progress=cb)
+        return sv.verify_files(self.path, self.manifest, direct=not prefetch, progress=cb)
 
     def restore(self, **kw) -> "RestoredProcess":
         return restore(self.path, **kw)
@@ -195,7 +196,7 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
     _require_compatible(snap)       # every fact the snapshot needs, before anything is touched
     criu = find_criu()
     _check_devices(m)
-    mf.check_closed(snap.path, m)
+    sv.check_closed(snap.path, m)
     crit_timeout, log_limit = run_limits(m["total_bytes"])
     pid = m["root_pid"]
     # a tree that had a pid namespace of its own gets a fresh one: the node's pids do not matter
@@ -212,8 +213,8 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
     if verify and prefetch != "tmpfs":
         # CRIU never reads a metadata image that failed verification: check them all before it starts.
         t0 = time.perf_counter()
-        mf.verify_files(snap.path, m, engine=engine, direct=False, threads=verify_threads, closed=False,
-                        only=lambda f: not mf.is_bulk(f))
+        sv.verify_files(snap.path, m, engine=engine, direct=False, threads=verify_threads, closed=False,
+                        only=lambda f: not sv.is_bulk(f))
         timings["verify_metadata"] = time.perf_counter() - t0
     if prefetch == "tmpfs":
         if progress:
@@ -251,8 +252,8 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
         args.append("--shell-job")
         if verify and staged is None:
             t0 = time.perf_counter()
-            mf.verify_files(snap.path, m, engine=engine, direct=False, threads=verify_threads, closed=False,
-                            only=mf.is_bulk)
+            sv.verify_files(snap.path, m, engine=engine, direct=False, threads=verify_threads, closed=False,
+                            only=sv.is_bulk)
             timings["verify"] = time.perf_counter() - t0
             verify = False
     else:
@@ -285,8 +286,8 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
             if verify and staged is None:
                 def _verify() -> float:
                     t0 = time.perf_counter()
-                    mf.verify_files(snap.path, m, engine=engine, direct=False, threads=verify_threads, closed=False,
-                                    only=mf.is_bulk, cancel=cancel)
+                    sv.verify_files(snap.path, m, engine=engine, direct=False, threads=verify_threads, closed=False,
+                                    only=sv.is_bulk, cancel=cancel)
                     return time.perf_counter() - t0
                 vfut = pool.submit(_verify)
             if progress:

@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 from urllib.parse import urlparse
 
 from ..snapshot import manifest as mf
+from ..snapshot import verify as sv
 from .. import config
 from ..durable import fsync_path
 from ..errors import DynsnapError, SnapshotCorrupt, SnapshotExists, SnapshotNotFound, StorageError
@@ -248,7 +249,7 @@ class S3Store:
             try:
                 m = mf.read(dest)
                 if hashlib.sha256((dest / mf.MANIFEST_NAME).read_bytes()).hexdigest() == marker["manifest_sha256"]:
-                    mf.check_sizes(dest, m)
+                    sv.check_sizes(dest, m)
                     return dest
             except DynsnapError:
                 pass
@@ -314,7 +315,7 @@ class S3Store:
             finally:
                 for fd in fds.values():
                     os.close(fd)
-            mf.verify_files(staging, m, direct=False)
+            sv.verify_files(staging, m, direct=False)
             fsync_path(staging)
             os.rename(staging, dest)
             fsync_path(cache)
