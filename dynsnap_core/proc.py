@@ -51,12 +51,17 @@ def _stat_fields(pid: int) -> list[str]:
     return data[data.rindex(")") + 2:].split()
 
 
-def start_time(pid: int) -> Optional[int]:
-    """When pid started (clock ticks since boot, /proc/PID/stat field 22): with the pid, names one process for good."""
+def _stat_int(pid: int, field: int) -> Optional[int]:
+    """/proc/PID/stat field ``field + 3`` (counted after the command name) as an int, None if unreadable."""
     try:
-        return int(_stat_fields(pid)[19])
+        return int(_stat_fields(pid)[field])
     except (OSError, IndexError, ValueError):
         return None
+
+
+def start_time(pid: int) -> Optional[int]:
+    """When pid started (clock ticks since boot, /proc/PID/stat field 22): with the pid, names one process for good."""
+    return _stat_int(pid, 19)
 
 
 def tgid(pid: int) -> Optional[int]:
@@ -125,10 +130,7 @@ def _namespace_init_of(pid: int) -> Optional[int]:
 
 
 def parent(pid: int) -> Optional[int]:
-    try:
-        return int(_stat_fields(pid)[1])
-    except (OSError, IndexError, ValueError):
-        return None
+    return _stat_int(pid, 1)
 
 
 def children(pid: int) -> list[int]:

@@ -30,7 +30,7 @@ ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 def current(path: Path = ENABLED) -> Optional[str]:
     """The selected THP mode ("always", "madvise", "never"), or None without THP."""
-    from .memfd import sysfs_selected
+    from .hugepages import sysfs_selected
     return sysfs_selected(str(path))
 
 

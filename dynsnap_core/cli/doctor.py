@@ -75,7 +75,7 @@ def _memfd() -> Check:
         os.close(fd)
     except (OSError, AttributeError) as e:
         return Check("memfd", "missing", f"memfd_create failed: {e}", "Linux >= 3.17 with memfd")
-    from ..memfd import THP_DIR, shmem_thp
+    from ..hugepages import THP_DIR, shmem_thp
     t = shmem_thp()
     if t["shmem_enabled"] is None:
         return Check("memfd", "info", "memfd_create ok; no transparent huge pages in this kernel: memfd fill "
@@ -89,7 +89,7 @@ def _memfd() -> Check:
 
 
 def _thp() -> Check:
-    from ..memfd import THP_DIR, hugetlb_pages, sysfs_selected
+    from ..hugepages import THP_DIR, hugetlb_pages, sysfs_selected
     h = hugetlb_pages()
     try:
         fd = os.memfd_create("dynsnap-doctor-huge", os.MFD_CLOEXEC | getattr(os, "MFD_HUGETLB", 4))

@@ -52,6 +52,17 @@ class UsageError(Exception):
     """Bad command line: exit 2."""
 
 
+def _number(v: str, want: str, least: int) -> int:
+    """``int(v)`` when it is at least ``least``, else UsageError "WANT, not 'V'" (">= 0" added for a negative)."""
+    try:
+        n = int(v)
+    except ValueError:
+        raise UsageError(f"{want}, not {v!r}") from None
+    if n < least:
+        raise UsageError(f"{want}{' >= 0' if least == 0 else ''}, not {v!r}")
+    return n
+
+
 def _parse(argv: List[str]) -> dict:
     opts: dict = {"pid": None, "op": None, "action": None, "timeout": 0, "device_map": None, "help": False}
 
@@ -75,12 +86,7 @@ def _parse(argv: List[str]) -> dict:
             opts["help"] = True
         elif flag in ("-p", "--pid"):
             v, i = value(i, "--pid", inline)
-            try:
-                opts["pid"] = int(v)
-            except ValueError:
-                raise UsageError(f"--pid wants a process id, not {v!r}") from None
-            if opts["pid"] <= 0:
-                raise UsageError(f"--pid wants a process id, not {v!r}")
+            opts["pid"] = _number(v, "--pid wants a process id", 1)
         elif flag == "--get-state":
             set_op("get-state")
         elif flag == "--get-restore-tid":
@@ -95,12 +101,7 @@ def _parse(argv: List[str]) -> dict:
             opts["action"] = v
         elif flag in ("-t", "--timeout"):
             v, i = value(i, "--timeout", inline)
-            try:
-                opts["timeout"] = int(v)
-            except ValueError:
-                raise UsageError(f"--timeout wants milliseconds, not {v!r}") from None
-            if opts["timeout"] < 0:
-                raise UsageError(f"--timeout wants milliseconds >= 0, not {v!r}")
+            opts["timeout"] = _number(v, "--timeout wants milliseconds", 0)
         elif flag == "--device-map":
             v, i = value(i, "--device-map", inline)
             from .driver import parse_device_map

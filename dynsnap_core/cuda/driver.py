@@ -395,13 +395,18 @@ def lock(pid: int, timeout_ms: int = 10000) -> None:
         raise _fail(drv, "lock", pid, err, timeout_ms=int(timeout_ms), elapsed=elapsed)
 
 
+def _action(pid: int, op: str, make_args: Optional[Callable[[Any], Any]] = None) -> None:
+    """One driver action on ``pid`` (``checkpoint``, ``restore``, ``unlock``), or the typed error."""
+    pid = _check_pid(pid, op)
+    drv = _driver(op, pid)
+    err = _result(_raw_call(drv, op, pid, make_args(drv) if make_args else None))
+    if _ename(err) != "CUDA_SUCCESS":
+        raise _fail(drv, op, pid, err)
+
+
 def checkpoint(pid: int) -> None:
     """Copy the GPU memory of locked ``pid`` into its host memory and release its GPUs. LOCKED -> CHECKPOINTED."""
-    pid = _check_pid(pid, "checkpoint")
-    drv = _driver("checkpoint", pid)
-    err = _result(_raw_call(drv, "checkpoint", pid, None))
-    if _ename(err) != "CUDA_SUCCESS":
-        raise _fail(drv, "checkpoint", pid, err)
+    _action(pid, "checkpoint")
 
 
 def restore(pid: int, device_map: Optional[Mapping[str, str]] = None) -> None:
@@ -410,23 +415,12 @@ def restore(pid: int, device_map: Optional[Mapping[str, str]] = None) -> None:
     ``device_map`` maps checkpointed GPU UUIDs ("GPU-...") to UUIDs of this machine; identity when None.
     The driver wants a pair for every GPU, so GPUs the map does not name are completed (identity where free).
     """
-    pid = _check_pid(pid, "restore")
-    drv = _driver("restore", pid)
-    args = None
-    if device_map:
-        args = _restore_args(drv, device_map)
-    err = _result(_raw_call(drv, "restore", pid, args))
-    if _ename(err) != "CUDA_SUCCESS":
-        raise _fail(drv, "restore", pid, err)
+    _action(pid, "restore", (lambda drv: _restore_args(drv, device_map)) if device_map else None)
 
 
 def unlock(pid: int) -> None:
     """Let ``pid`` make CUDA calls again. LOCKED -> RUNNING."""
-    pid = _check_pid(pid, "unlock")
-    drv = _driver("unlock", pid)
-    err = _result(_raw_call(drv, "unlock", pid, None))
-    if _ename(err) != "CUDA_SUCCESS":
-        raise _fail(drv, "unlock", pid, err)
+    _action(pid, "unlock")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
 from .. import memfd
@@ -122,6 +123,7 @@ class Client:
         self.close()
 
 
+@dataclass(eq=False)
 class Attachment:
     """A service region mapped read-only at a fixed address of this process.
 
@@ -129,13 +131,12 @@ class Attachment:
     an empty PROT_NONE reservation (nothing for CRIU to dump), and no fd of the memfd is kept.
     """
 
-    def __init__(self, name: str, address: int, size: int, map_size: int, digest: Optional[str]):
-        self.name = name
-        self.address = address
-        self.size = size
-        self.map_size = map_size
-        self.digest = digest
-        self.attached = False
+    name: str
+    address: int
+    size: int
+    map_size: int
+    digest: Optional[str]
+    attached: bool = field(default=False, init=False)
 
     @classmethod
     def attach(cls, client: Client, name: str, *, wait: bool = True,

@@ -122,7 +122,27 @@ def checkpoint(pid: int, out: str | os.PathLike | None = None, *, leave_running:
     is visible.
     """
     t_start = time.perf_counter()
-    timings: dict[str, float] = {}
+    _check_arguments(out, engine, leave_running, cuda_lock_timeout_ms, extra_manifest)
+    staging_mode = staging_setting()
+    require_privilege("checkpoint")
+    recover()
+    proc.validate_target(pid)
+    criu = find_criu()
+    out = _output_dir(pid, out, log)
+    pids = proc.tree(pid)
+    tree_lock = TreeLock(pids)         # a second checkpoint of this tree is refused until this one is done
+    try:
+        _check_tree(pid, pids)
+        run = _Checkpoint(pid, pids, out, criu, staging_mode, t_start, leave_running=leave_running,
+                          cuda_lock_timeout_ms=cuda_lock_timeout_ms, progress=progress, engine=engine, log=log,
+                          extra_manifest=extra_manifest)
+        return run.take()
+    finally:
+        tree_lock.release()
+
+
+def _check_arguments(out: Any, engine: Any, leave_running: Any, cuda_lock_timeout_ms: Any,
+                     extra_manifest: Any) -> None:
     if out is not None:
         _check_path_arg(out, "out")
     _check_engine_arg(engine)
@@ -132,11 +152,10 @@ def checkpoint(pid: int, out: str | os.PathLike | None = None, *, leave_running:
         raise InvalidArgument(f"cuda_lock_timeout_ms must be a positive number of milliseconds, not "
                               f"{cuda_lock_timeout_ms!r}", stage="preflight")
     _check_extra_manifest(extra_manifest)
-    staging_mode = staging_setting()
-    require_privilege("checkpoint")
-    recover()
-    proc.validate_target(pid)
-    criu = find_criu()
+
+
+def _output_dir(pid: int, out: Any, log: Callable[[str], Any] | None) -> Path:
+    """The snapshot directory to create (refused if it exists), its parent created, stale staging there removed."""
     if out is None:
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         out = snapshots_root() / f"{proc.comm(pid)}-{pid}-{stamp}"
@@ -154,169 +173,211 @@ def checkpoint(pid: int, out: str | os.PathLike | None = None, *, leave_running:
     if log and freed:
         log(f"removed {len(freed)} stale staging director{'y' if len(freed) == 1 else 'ies'} of killed runs "
             f"({sum(n for _, n in freed) / 2**20:.1f} MiB)")
-    pids = proc.tree(pid)
-    tree_lock = TreeLock(pids)         # a second checkpoint of this tree is refused until this one is done
-    try:
-        for p in pids:
-            tracer = traced_by(p)
-            if tracer:
-                raise InvalidTarget(f"cannot checkpoint pid {pid}: pid {p} is traced by pid {tracer} "
-                                    f"({proc.comm(tracer)}), a debugger or another CRIU; detach it first",
-                                    stage="preflight", pid=pid)
-        problems = proc.unsupported_resources(pids)
-        if problems:
-            raise InvalidTarget(f"cannot checkpoint pid {pid}: {problems[0]}", stage="preflight", pid=pid)
-        return _checkpoint_locked(pid, pids, out, parent, criu, staging_mode, t_start, timings,
-                                  leave_running=leave_running, cuda_lock_timeout_ms=cuda_lock_timeout_ms,
-                                  progress=progress, engine=engine, log=log, extra_manifest=extra_manifest)
-    finally:
-        tree_lock.release()
+    return out
 
 
-def _checkpoint_locked(pid: int, pids: list[int], out: Path, parent: Path, criu, staging_mode: str,
-                       t_start: float, timings: dict, *, leave_running: bool, cuda_lock_timeout_ms: int,
-                       progress: Progress, engine: str, log: Callable[[str], Any] | None,
-                       extra_manifest: Optional[dict]) -> Snapshot:
-    """checkpoint() once the tree is locked against a concurrent checkpoint."""
-    cmd = proc.cmdline(pid)
-    rss = sum(proc.rss_bytes(p) for p in pids)
-    shell_job = proc.session_id(pid) != pid
-    pid_namespace = proc.pid_namespace_init(pid)      # `dynsnap run`: restores into a fresh pid namespace
-    mount_namespace = proc.mount_namespace(pid) == "own"   # ... and a fresh mount namespace with its own /proc
-    if log and proc.has_tty(pid):
-        log(f"note: pid {pid} has a terminal on its stdio; its snapshot can only be restored from a terminal")
-    from ..compat import facts as _facts
-    compat = _facts.collect(pids, host_rss=rss)     # what a restoring node must offer (before anything freezes)
-    # A process its user stopped (SIGSTOP, Ctrl-Z) stays stopped whatever happens: only the others are continued.
-    user_stopped = [p for p in pids if proc.state(p) in ("T", "t")]
-    if log and user_stopped:
-        log(f"note: pid(s) {', '.join(map(str, user_stopped))} were stopped before the checkpoint and stay stopped")
-    resume = [p for p in pids if p not in user_stopped]
+def _check_tree(pid: int, pids: list[int]) -> None:
+    """Refuse a tree that a debugger traces or that holds what CRIU cannot dump."""
+    for p in pids:
+        tracer = traced_by(p)
+        if tracer:
+            raise InvalidTarget(f"cannot checkpoint pid {pid}: pid {p} is traced by pid {tracer} "
+                                f"({proc.comm(tracer)}), a debugger or another CRIU; detach it first",
+                                stage="preflight", pid=pid)
+    problems = proc.unsupported_resources(pids)
+    if problems:
+        raise InvalidTarget(f"cannot checkpoint pid {pid}: {problems[0]}", stage="preflight", pid=pid)
 
-    staging = parent / f".{out.name}{STAGING_TAG}{os.getpid()}"
-    dump_dir: Optional[Path] = None
-    resumer: Optional[_Resumer] = None
-    entry = Entry(pids, resume)        # on record until the tree's fate is settled (journal.recover)
-    guardian = Guardian(resume, journal=entry.path)   # continues the tree if this process is killed while frozen
-    entry.guardian(guardian.pid)
-    t_freeze = time.perf_counter()
-    cuda_tree = None
-    frozen = False
-    committed = False
-    sigstate: dict = {}
-    try:
-        with _deferred_signals(sigstate):
-            # GPU: which processes of the tree use CUDA (the driver says), lock all, then checkpoint all.
-            gpu: dict = {}
-            from .. import cuda
-            if cuda.is_available():
-                cpids = cuda.cuda_pids(pids)
-                if cpids:
-                    gpu = _gpu_facts()
-                    gpu["pids"] = cpids
-                    if pid_namespace:   # restored with new node pids: found again by their pids inside
-                        gpu["ns_pids"] = [proc.ns_ids(p)[-1] for p in cpids]
-                    # per CUDA process: the GPUs it uses (UUID -> bytes), for the manifest and the estimate
-                    per = {str(p): cuda.process_gpus(p) for p in cpids}
-                    gpu["processes"] = per
-                    gpu["memory"] = {p: (None if v is None else sum(v.values())) for p, v in per.items()}
-                    compat["gpu"] = _compat_gpu(gpu)
-                    if log:
-                        gpu_bytes = sum(v or 0 for v in gpu["memory"].values())
-                        log(f"image estimate: host RSS {rss / 2**30:.2f} GiB + GPU {gpu_bytes / 2**30:.2f} GiB "
-                            f"in {len(cpids)} CUDA process(es)")
-                    cuda_tree = cuda.CudaTree(cpids, timeout_ms=cuda_lock_timeout_ms)
-                    entry.cuda(cpids)
-                    guardian.cuda(cpids)
-                    if progress:
-                        progress("gpu checkpoint", 0, 1)
-                    cuda_tree.lock_all()
-                    _check_interrupt(sigstate, "lock")
-                    cuda_tree.checkpoint_all()
-                    timings.update(cuda_tree.timings)
-                    _check_interrupt(sigstate, "gpu checkpoint")
-            estimate = rss + sum(v or 0 for v in gpu.get("memory", {}).values())
-            entry.staging(staging)
-            dump_root, dump_where = choose_dump_dir(parent, estimate, staging_mode)
-            if dump_where == "tmpfs":
-                entry.staging(dump_root)
-            if dump_where == "target":
-                staging.mkdir()
-                dump_dir = staging / "criu"
-                dump_dir.mkdir()
-            else:
-                dump_dir = dump_root
-            args = ["dump", "-t", str(pid), "-D", str(dump_dir), "--leave-stopped", "--file-locks"]
-            if shell_job:
-                args.append("--shell-job")
-            if mount_namespace:
-                args += CRIU_MNTNS_ARGS
-            # Test hook: CRIU's own fault injection (FI_DUMP_PAGES) makes a real dump fail half-way.
-            fault = {"CRIU_FAULT": "3"} if config.test_hook("FAULT") == "dump" else None
-            if progress:
-                progress("criu dump", 0, 1)
-            frozen = True       # from here on, a failure must resume the tree (CRIU may leave it stopped)
-            timings["criu_dump"] = criu.run(args, log=dump_dir / "dump.log", stage="dump", pid=pid, env=fault,
-                                            on_start=lambda c: (entry.criu(c), guardian.criu(c)))
-            proc.wait_stopped(pids)
-            _check_interrupt(sigstate, "dump")
-            if leave_running:
-                # The images are complete in staging: the worker goes back to work while they are persisted.
-                resumer = _Resumer(resume, cuda_tree, t_freeze)
 
-            # persist: stream the images to the target file system with checksums (C engine).
-            t0 = time.perf_counter()
-            files, engine_used = _persist(dump_dir, dump_where, staging, engine, progress, sigstate)
-            timings["persist"] = time.perf_counter() - t0
-            _check_interrupt(sigstate, "persist")
+class _Checkpoint:
+    """One checkpoint of a locked tree; ``take()`` runs its phases in order (each a method below)."""
 
-            manifest = {
-                "magic": mf.MAGIC, "format": mf.FORMAT_VERSION, "checksum": mf.CHECKSUM,
-                "dynsnap_version": _version(), "criu_version": criu.version_str,
-                "kernel": platform.release(), "host": socket.gethostname(), "arch": platform.machine(),
-                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "created_unix": time.time(), "root_pid": pid, "pids": pids, "cmdline": cmd,
-                "comm": proc.comm(pid), "shell_job": shell_job, "pid_namespace": pid_namespace,
-                "mount_namespace": mount_namespace, "leave_running": leave_running,
-                "host_rss_bytes": rss, "files": files, "total_bytes": sum(f["size"] for f in files),
-                "io_engine": engine_used, "dump_staging": dump_where, "cuda": gpu or None,
-                "timings": timings, "compat": compat,
-            }
-            for key, value in (extra_manifest or {}).items():
-                if key in manifest or key == mf.ROOT_KEY:
-                    raise InvalidArgument(f"extra_manifest may not override {key!r}", stage="preflight")
-                manifest[key] = value
-            timings["total"] = time.perf_counter() - t_start
-            mf.write(staging, manifest)
-            _rename_noreplace(staging, out)
-            committed = True
-            fsync_path(parent)
-    except BaseException as e:
+    def __init__(self, pid: int, pids: list[int], out: Path, criu: Any, staging_mode: str, t_start: float, *,
+                 leave_running: bool, cuda_lock_timeout_ms: int, progress: Progress, engine: str,
+                 log: Callable[[str], Any] | None, extra_manifest: Optional[dict]):
+        self.pid, self.pids, self.out, self.parent, self.criu = pid, pids, out, out.parent, criu
+        self.staging_mode, self.t_start, self.leave_running = staging_mode, t_start, leave_running
+        self.cuda_lock_timeout_ms, self.progress, self.engine, self.log = cuda_lock_timeout_ms, progress, engine, log
+        self.extra_manifest = extra_manifest
+        self.timings: dict[str, float] = {}
+        self.staging = self.parent / f".{out.name}{STAGING_TAG}{os.getpid()}"
+        self.dump_dir: Optional[Path] = None
+        self.resumer: Optional[_Resumer] = None
+        self.cuda_tree: Any = None
+        self.gpu: dict = {}
+        self.frozen = self.committed = False
+        self.sigstate: dict = {}
+
+    def take(self) -> Snapshot:
+        self.describe()
+        self.entry = Entry(self.pids, self.resume)   # on record until the tree's fate is settled (journal.recover)
+        self.guardian = Guardian(self.resume, journal=self.entry.path)   # continues the tree if we are killed
+        self.entry.guardian(self.guardian.pid)
+        self.t_freeze = time.perf_counter()
+        try:
+            with _deferred_signals(self.sigstate):
+                self.gpu_checkpoint()
+                self.criu_dump()
+                self.persist()
+                self.commit(self.manifest())
+        except BaseException as e:
+            self.roll_back(e)
+            raise
+        finally:
+            self.clean_up()
+        return self.finish()
+
+    def describe(self) -> None:
+        """What the tree is and what a restoring node must offer, read before anything freezes."""
+        pid, pids = self.pid, self.pids
+        self.cmd = proc.cmdline(pid)
+        self.rss = sum(proc.rss_bytes(p) for p in pids)
+        self.shell_job = proc.session_id(pid) != pid
+        self.pid_namespace = proc.pid_namespace_init(pid)      # `dynsnap run`: restores into a fresh pid namespace
+        self.mount_namespace = proc.mount_namespace(pid) == "own"   # ... and a fresh mount namespace with its /proc
+        if self.log and proc.has_tty(pid):
+            self.log(f"note: pid {pid} has a terminal on its stdio; its snapshot can only be restored from a "
+                     "terminal")
+        from ..compat import facts as _facts
+        self.compat = _facts.collect(pids, host_rss=self.rss)
+        # A process its user stopped (SIGSTOP, Ctrl-Z) stays stopped whatever happens: only the others are continued.
+        user_stopped = [p for p in pids if proc.state(p) in ("T", "t")]
+        if self.log and user_stopped:
+            self.log(f"note: pid(s) {', '.join(map(str, user_stopped))} were stopped before the checkpoint and stay "
+                     "stopped")
+        self.resume = [p for p in pids if p not in user_stopped]
+
+    def gpu_checkpoint(self) -> None:
+        """Which processes of the tree use CUDA (the driver says): lock all, then checkpoint all."""
+        from .. import cuda
+        if not cuda.is_available():
+            return
+        cpids = cuda.cuda_pids(self.pids)
+        if not cpids:
+            return
+        gpu = self.gpu
+        gpu.update(_gpu_facts())
+        gpu["pids"] = cpids
+        if self.pid_namespace:   # restored with new node pids: found again by their pids inside
+            gpu["ns_pids"] = [proc.ns_ids(p)[-1] for p in cpids]
+        # per CUDA process: the GPUs it uses (UUID -> bytes), for the manifest and the estimate
+        per = {str(p): cuda.process_gpus(p) for p in cpids}
+        gpu["processes"] = per
+        gpu["memory"] = {p: (None if v is None else sum(v.values())) for p, v in per.items()}
+        self.compat["gpu"] = _compat_gpu(gpu)
+        if self.log:
+            gpu_bytes = sum(v or 0 for v in gpu["memory"].values())
+            self.log(f"image estimate: host RSS {self.rss / 2**30:.2f} GiB + GPU {gpu_bytes / 2**30:.2f} GiB "
+                     f"in {len(cpids)} CUDA process(es)")
+        self.cuda_tree = cuda.CudaTree(cpids, timeout_ms=self.cuda_lock_timeout_ms)
+        self.entry.cuda(cpids)
+        self.guardian.cuda(cpids)
+        if self.progress:
+            self.progress("gpu checkpoint", 0, 1)
+        self.cuda_tree.lock_all()
+        _check_interrupt(self.sigstate, "lock")
+        self.cuda_tree.checkpoint_all()
+        self.timings.update(self.cuda_tree.timings)
+        _check_interrupt(self.sigstate, "gpu checkpoint")
+
+    def criu_dump(self) -> None:
+        """CRIU dumps the tree (left stopped) into tmpfs when the image fits there, else into staging."""
+        estimate = self.rss + sum(v or 0 for v in self.gpu.get("memory", {}).values())
+        self.entry.staging(self.staging)
+        dump_root, self.dump_where = choose_dump_dir(self.parent, estimate, self.staging_mode)
+        if self.dump_where == "tmpfs":
+            self.entry.staging(dump_root)
+        if self.dump_where == "target":
+            self.staging.mkdir()
+            self.dump_dir = self.staging / "criu"
+            self.dump_dir.mkdir()
+        else:
+            self.dump_dir = dump_root
+        args = ["dump", "-t", str(self.pid), "-D", str(self.dump_dir), "--leave-stopped", "--file-locks"]
+        if self.shell_job:
+            args.append("--shell-job")
+        if self.mount_namespace:
+            args += CRIU_MNTNS_ARGS
+        # Test hook: CRIU's own fault injection (FI_DUMP_PAGES) makes a real dump fail half-way.
+        fault = {"CRIU_FAULT": "3"} if config.test_hook("FAULT") == "dump" else None
+        if self.progress:
+            self.progress("criu dump", 0, 1)
+        self.frozen = True       # from here on, a failure must resume the tree (CRIU may leave it stopped)
+        entry, guardian = self.entry, self.guardian
+        self.timings["criu_dump"] = self.criu.run(args, log=self.dump_dir / "dump.log", stage="dump", pid=self.pid,
+                                                  env=fault, on_start=lambda c: (entry.criu(c), guardian.criu(c)))
+        proc.wait_stopped(self.pids)
+        _check_interrupt(self.sigstate, "dump")
+        if self.leave_running:
+            # The images are complete in staging: the worker goes back to work while they are persisted.
+            self.resumer = _Resumer(self.resume, self.cuda_tree, self.t_freeze)
+
+    def persist(self) -> None:
+        """Stream the images to the target file system with checksums (C engine)."""
+        t0 = time.perf_counter()
+        self.files, self.engine_used = _persist(self.dump_dir, self.dump_where, self.staging, self.engine,
+                                                self.progress, self.sigstate)
+        self.timings["persist"] = time.perf_counter() - t0
+        _check_interrupt(self.sigstate, "persist")
+
+    def manifest(self) -> dict:
+        pid, files = self.pid, self.files
+        manifest = {
+            "magic": mf.MAGIC, "format": mf.FORMAT_VERSION, "checksum": mf.CHECKSUM,
+            "dynsnap_version": _version(), "criu_version": self.criu.version_str,
+            "kernel": platform.release(), "host": socket.gethostname(), "arch": platform.machine(),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "created_unix": time.time(), "root_pid": pid, "pids": self.pids, "cmdline": self.cmd,
+            "comm": proc.comm(pid), "shell_job": self.shell_job, "pid_namespace": self.pid_namespace,
+            "mount_namespace": self.mount_namespace, "leave_running": self.leave_running,
+            "host_rss_bytes": self.rss, "files": files, "total_bytes": sum(f["size"] for f in files),
+            "io_engine": self.engine_used, "dump_staging": self.dump_where, "cuda": self.gpu or None,
+            "timings": self.timings, "compat": self.compat,
+        }
+        for key, value in (self.extra_manifest or {}).items():
+            if key in manifest or key == mf.ROOT_KEY:
+                raise InvalidArgument(f"extra_manifest may not override {key!r}", stage="preflight")
+            manifest[key] = value
+        return manifest
+
+    def commit(self, manifest: dict) -> None:
+        """manifest.json last, then the staging directory appears under its name at once (never replacing)."""
+        self.manifest_ = manifest
+        self.timings["total"] = time.perf_counter() - self.t_start
+        mf.write(self.staging, manifest)
+        _rename_noreplace(self.staging, self.out)
+        self.committed = True
+        fsync_path(self.parent)
+
+    def roll_back(self, e: BaseException) -> None:
         if isinstance(e, CriuError):
             _keep_log(e)
-        if resumer is not None:
-            resumer.wait(raise_errors=False)
-        if not committed:
-            _rollback(resume, frozen, cuda_tree)
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
-    finally:
-        if dump_dir is not None and not str(dump_dir).startswith(str(staging)):
-            shutil.rmtree(dump_dir, ignore_errors=True)
-        if not committed:
-            guardian.done()
-            entry.settle()
-    # The snapshot is durable. Now finish the tree's fate.
-    try:
-        if resumer is not None:
-            resumer.wait(raise_errors=True)
-            manifest["timings"].update(resumer.timings)
-        else:
-            proc.kill_tree(pids, signal.SIGKILL)
-    finally:
-        guardian.done()
-        entry.settle()
-    return Snapshot(out, manifest)
+        if self.resumer is not None:
+            self.resumer.wait(raise_errors=False)
+        if not self.committed:
+            _rollback(self.resume, self.frozen, self.cuda_tree)
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+    def clean_up(self) -> None:
+        if self.dump_dir is not None and not str(self.dump_dir).startswith(str(self.staging)):
+            shutil.rmtree(self.dump_dir, ignore_errors=True)
+        if not self.committed:
+            self.guardian.done()
+            self.entry.settle()
+
+    def finish(self) -> Snapshot:
+        """The snapshot is durable: the tree is resumed (``leave_running``) or killed."""
+        manifest = self.manifest_
+        try:
+            if self.resumer is not None:
+                self.resumer.wait(raise_errors=True)
+                manifest["timings"].update(self.resumer.timings)
+            else:
+                proc.kill_tree(self.pids, signal.SIGKILL)
+        finally:
+            self.guardian.done()
+            self.entry.settle()
+        return Snapshot(self.out, manifest)
 
 
 def _rename_noreplace(src: Path, dst: Path) -> None:
