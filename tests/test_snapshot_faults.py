@@ -239,7 +239,7 @@ def test_killed_checkpoint_leaves_none_or_complete(sig, group, workload, tmp_pat
     cli("list", "--root", tmp_path)
     assert not [x for x in tmp_path.iterdir() if "staging" in x.name]
     from dynsnap_core.proc import exists
-    left = [n for n in os.listdir("/dev/shm") if n.startswith("dynsnap-dump-") and not exists(int(n.split("-")[2]))]
+    left = [n for n in os.listdir("/dev/shm") if n.startswith("dynsnap-dump-") and not exists(int(n.split("-")[2].split(".")[0]))]
     assert left == []
     assert outcomes  # every outcome was either 'none' or a verified 'complete'
 

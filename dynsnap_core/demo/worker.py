@@ -2,7 +2,7 @@
 
 Protocol: one line per connection, one line back. ``query K`` -> a digest that depends on the whole state and K;
 ``stats`` -> JSON with the number of requests served and the state size; ``ping`` -> ``pong``.
-Run: ``python -m dynsnap_core.demo_worker --socket PATH --mb 256 [--ready FILE]``.
+Run: ``python -m dynsnap_core.demo.worker --socket PATH --mb 256 [--ready FILE]``.
 """
 from __future__ import annotations
 

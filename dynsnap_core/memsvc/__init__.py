@@ -15,6 +15,9 @@ from ..errors import MemsvcError  # noqa: F401
 _WHERE = {"Client": "client", "Attachment": "client", "quiesce": "client", "resume": "client",
           "MemoryService": "service", "spawn": "service", "main": "service",
           "send_message": "protocol", "recv_message": "protocol"}
+#: Names other code took from the one-module memsvc before the split (module, name there).
+_MOVED = {"_peer_cred": ("protocol", "peer_cred"), "_peer_groups": ("protocol", "peer_groups"),
+          "_allowed_roots": ("service", "_allowed_roots")}
 
 __all__ = ["MemsvcError", *_WHERE]
 
@@ -22,6 +25,9 @@ __all__ = ["MemsvcError", *_WHERE]
 def __getattr__(name: str) -> Any:
     if name in _WHERE:
         return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    if name in _MOVED:
+        mod, attr = _MOVED[name]
+        return getattr(importlib.import_module(f"{__name__}.{mod}"), attr)
     if name in ("protocol", "client", "service"):
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -43,11 +43,11 @@ def _device(ordinal: int) -> Any:
             mod = _h2d()
             ok, why = gpu_available()
             if not ok:
-                raise GpuUnavailable(f"no GPU for weights on cuda:{ordinal}: {why}", driver_error=why)
+                raise GpuUnavailable(f"no GPU for weights on cuda:{ordinal}: {why}", driver_error=why, stage="weights")
             try:
                 dev = mod.Device(ordinal)
             except (IndexError, RuntimeError) as e:
-                raise GpuUnavailable(f"cannot open cuda:{ordinal}: {e}") from None
+                raise GpuUnavailable(f"cannot open cuda:{ordinal}: {e}", stage="weights") from None
             _DEVICES[ordinal] = dev
         return dev
 

@@ -276,10 +276,10 @@ def read_to_pinned(paths: list, ordinal: int = 0, threads: Optional[int] = None)
         try:
             sources.append({"path": os.fspath(p), "size": os.path.getsize(p), "digest": None})
         except OSError as e:
-            raise GpuUnavailable(f"cannot read {p} into pinned memory: {e.strerror}") from None
+            raise GpuUnavailable(f"cannot read {p} into pinned memory: {e.strerror}", stage="weights") from None
     res = dev.load(sources, [], defaults.chunk, threads, defaults.nbuf, 0, 0, False)
     if not res["ok"]:
-        raise GpuUnavailable(f"reading into pinned memory failed: {res['error']}")
+        raise GpuUnavailable(f"reading into pinned memory failed: {res['error']}", stage="weights")
     return {"bytes": sum(s["size"] for s in sources), "seconds": res["seconds"], "threads": threads}
 
 
@@ -502,7 +502,7 @@ def load(ref: Any, device: str = "cuda:0", into: Optional[Mapping[str, Any]] = N
     contiguity and device); the others are allocated. ``path`` is auto, pipeline, memfd, kvikio or
     host; ``memsvc`` (socket path or ``memsvc.Client``) makes the memfd path take shards from the
     host memory service. ``verify`` checks every shard's digest (inline on pipeline, memfd and host;
-    an extra pass through the page cache on kvikio). Tunables: ``weights_load.defaults``.
+    an extra pass through the page cache on kvikio). Tunables: ``loader.defaults``.
     """
     if path != "auto" and path not in PATHS:
         raise ValueError(f"unknown path {path!r}: choose auto or one of {', '.join(PATHS)}")
