@@ -22,11 +22,12 @@ import struct
 from typing import Callable, Iterator
 
 from .errors import SnapshotCorrupt
+from .formats import CRIU_FILES_MAGIC, CRIU_IMG_COMMON_MAGIC
 
 __all__ = ["FILES_MAGICS", "abstract_names", "rename_abstract", "name_taken", "rename_taken_abstract_sockets"]
 
-IMG_COMMON_MAGIC = 0x54564319
-FILES_MAGIC = 0x56303138
+IMG_COMMON_MAGIC = CRIU_IMG_COMMON_MAGIC
+FILES_MAGIC = CRIU_FILES_MAGIC
 FILES_MAGICS = struct.pack("<II", IMG_COMMON_MAGIC, FILES_MAGIC)
 FD_TYPE_UNIXSK = 5
 FILE_ENTRY_USK = 16

@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ["FileKind", "KINDS", "kind_of_json", "SNAPSHOT_MANIFEST", "WEIGHT_SET", "SNAPSHOT_WEIGHTS"]
+__all__ = ["FileKind", "KINDS", "kind_of_json", "SNAPSHOT_MANIFEST", "WEIGHT_SET", "SNAPSHOT_WEIGHTS", "REMOTE_MARKER",
+           "CRIU_IMG_COMMON_MAGIC", "CRIU_IMG_SERVICE_MAGIC", "CRIU_FILES_MAGIC"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,16 @@ SNAPSHOT_WEIGHTS = FileKind("regions outside the image", "manifest.json: 'weight
 WEIGHT_SET = FileKind("weight set manifest", "STORE/sets/NAME.json", "dynsnap-weightset", 1,
                       "dynsnap_core.weights.store", "tensors: name, dtype, shape, shard, offset, nbytes, checksum")
 
+REMOTE_MARKER = FileKind("remote snapshot marker", "s3://BUCKET/PREFIX/NAME/COMPLETE", None, 1,
+                         "dynsnap_core.storage.s3", "uploaded last: the manifest's and every part's sha256; a "
+                         "remote snapshot without it does not exist")
+
+#: CRIU's image header words (criu/include/magic.h): every image opens with IMG_COMMON_MAGIC or
+#: IMG_SERVICE_MAGIC, then its own magic (FILES_MAGIC for files.img, which criu_images rewrites).
+CRIU_IMG_COMMON_MAGIC = 0x54564319
+CRIU_IMG_SERVICE_MAGIC = 0x55105940
+CRIU_FILES_MAGIC = 0x56303138
+
 KINDS = [
     SNAPSHOT_MANIFEST,
     SNAPSHOT_WEIGHTS,
@@ -37,6 +48,7 @@ KINDS = [
              "CRIU's protobuf images, each opening with CRIU's magic numbers; pages-*.img are raw pages"),
     FileKind("CRIU dump log", "SNAPSHOT/criu/dump.log", None, None, "CRIU", "CRIU's log of the dump"),
     WEIGHT_SET,
+    REMOTE_MARKER,
     FileKind("weight object", "STORE/objects/DIGEST-SIZE", None, None, "dynsnap_core.weights.store",
              "raw shard or region bytes, 4 KiB aligned, named by chunked XXH3-64 digest and size"),
 ]

@@ -14,7 +14,7 @@ from ..errors import SnapshotCorrupt, SnapshotNotFound
 __all__ = ["inspect", "format_text"]
 
 # CRIU's image headers (criu/include/magic.h): a common/service magic word, then the image's own magic.
-_CRIU_COMMON = {0x54564319: "IMG_COMMON_MAGIC", 0x55105940: "IMG_SERVICE_MAGIC"}
+_CRIU_COMMON = {formats.CRIU_IMG_COMMON_MAGIC: "IMG_COMMON_MAGIC", formats.CRIU_IMG_SERVICE_MAGIC: "IMG_SERVICE_MAGIC"}
 
 
 def _criu_image(path: Path) -> dict:

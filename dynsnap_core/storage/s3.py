@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 from ..snapshot import manifest as mf
 from ..snapshot import verify as sv
 from .. import config
+from ..formats import REMOTE_MARKER
 from ..durable import fsync_path
 from ..errors import DynsnapError, SnapshotCorrupt, SnapshotExists, SnapshotNotFound, StorageError
 from .names import NAME
@@ -181,7 +182,7 @@ class S3Store:
                     parts[rel] = self._upload_file(pool, snap_dir / rel, name, rel, advance, uploads)
                 parts[mf.MANIFEST_NAME] = self._upload_file(pool, snap_dir / mf.MANIFEST_NAME, name,
                                                             mf.MANIFEST_NAME, advance, uploads)
-            marker = {"format": 1, "name": name, "created": m["created"], "total_bytes": m["total_bytes"],
+            marker = {"format": REMOTE_MARKER.format, "name": name, "created": m["created"], "total_bytes": m["total_bytes"],
                       "part_size": self.part_size,
                       "manifest_sha256": hashlib.sha256((snap_dir / mf.MANIFEST_NAME).read_bytes()).hexdigest(),
                       "parts_sha256": parts, "uploaded": time.time()}
