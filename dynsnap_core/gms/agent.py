@@ -193,11 +193,7 @@ class Agent:
             try:
                 self._one(conn)
             finally:
-                try:
-                    conn.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                conn.close()
+                conn.close()      # close, not shutdown: the fd leaves this process before the client sees EOF
 
     def _one(self, conn: socket.socket) -> None:
         conn.settimeout(30)
@@ -205,6 +201,7 @@ class Agent:
             req, fds = P.recv(conn, 4096)
         except (OSError, ConnectionError, P.ProtocolError) as e:
             _try_send(conn, {"ok": False, "error": f"malformed agent request: {e}"})
+            P.drain(conn)
             return
         P._close_all(fds)
         op = req.get("op") if isinstance(req, dict) else None

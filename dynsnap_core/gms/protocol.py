@@ -32,12 +32,13 @@ import socket
 import stat
 import struct
 import tempfile
+import time
 from typing import Any, Optional, Sequence
 
 from ..errors import DynsnapError
 
 __all__ = ["VERSION", "MAX_REQUEST", "MAX_REPLY", "OPS", "GmsError", "ProtocolError", "send", "recv",
-           "validate", "Client", "bind_private", "peer_refusal", "default_socket"]
+           "validate", "Client", "bind_private", "drain", "peer_refusal", "default_socket"]
 
 VERSION = 1
 MAX_REQUEST = 64 << 10
@@ -169,6 +170,23 @@ def validate(req: Any) -> dict:
 
 
 # ---------------------------------------------------------------- service-side helpers
+
+def drain(conn: socket.socket, limit: int = 1 << 20, seconds: float = 1.0) -> None:
+    """Before closing a refused connection: say we are done writing and read what the peer still sends (at most
+    ``limit`` bytes or ``seconds``), so that closing with unread data does not reset the connection before the
+    peer has read our reply."""
+    try:
+        conn.shutdown(socket.SHUT_WR)
+        conn.settimeout(seconds)
+        end, got = time.monotonic() + seconds, 0
+        while got < limit and time.monotonic() < end:
+            b = conn.recv(65536)
+            if not b:
+                break
+            got += len(b)
+    except OSError:
+        pass
+
 
 def peer_refusal(conn: socket.socket) -> Optional[str]:
     """Why the peer of ``conn`` may not use the service (SO_PEERCRED, set by the kernel), or None: only root

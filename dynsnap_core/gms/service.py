@@ -151,7 +151,7 @@ class GpuMemoryService:
             if why is not None:
                 self.log(f"gms: refused a connection: {why}")
                 self._reply(conn, {"ok": False, "error": "denied", "message": why})
-                _drain(conn)
+                P.drain(conn)
                 return
             try:
                 self._pids[cid] = int(_peer_pid(conn))
@@ -164,7 +164,7 @@ class GpuMemoryService:
                     return
                 except P.ProtocolError as e:
                     self._reply(conn, {"ok": False, "error": "bad_request", "message": f"malformed message: {e}"})
-                    _drain(conn)
+                    P.drain(conn)
                     return
                 if fds:
                     P._close_all(fds)
@@ -175,7 +175,7 @@ class GpuMemoryService:
                     req = P.validate(req)
                 except P.ProtocolError as e:
                     self._reply(conn, {"ok": False, "error": "bad_request", "message": f"malformed request: {e}"})
-                    _drain(conn)
+                    P.drain(conn)
                     return
                 out_fds: list[int] = []
                 try:
@@ -419,23 +419,6 @@ class GpuMemoryService:
             del self.sets[s.key]
             self.cond.notify_all()
             return {"ok": True, "freed_bytes": freed}, []
-
-
-def _drain(conn: socket.socket, limit: int = 1 << 20, seconds: float = 1.0) -> None:
-    """Before closing a refused connection: say we are done writing and read what the peer still sends (at most
-    ``limit`` bytes or ``seconds``), so that closing with unread data does not reset the connection before the
-    peer has read our reply."""
-    try:
-        conn.shutdown(socket.SHUT_WR)
-        conn.settimeout(seconds)
-        end, got = time.monotonic() + seconds, 0
-        while got < limit and time.monotonic() < end:
-            b = conn.recv(65536)
-            if not b:
-                break
-            got += len(b)
-    except OSError:
-        pass
 
 
 def _peer_pid(conn: socket.socket) -> int:
