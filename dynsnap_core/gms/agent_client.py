@@ -16,7 +16,6 @@ Every call raises :class:`AgentError` with one sentence when the agent cannot be
 from __future__ import annotations
 
 import json
-import os
 import socket
 import time
 from typing import Iterable, Mapping, Optional
