@@ -363,23 +363,25 @@ def test_a_set_larger_than_free_gpu_memory_is_refused_and_nothing_leaks(service,
     say("too large refused", message=str(e.value))
 
 
-def test_service_killed_while_a_worker_holds_a_mapping(service, store):
+def test_service_killed_while_a_worker_holds_a_mapping(service, workers, store, tmp_path, monkeypatch):
+    """In a worker process, so that a CUDA error (if the driver behaved otherwise) cannot poison this one."""
+    monkeypatch.setenv("DYNSNAP_RUN_DIR", str(tmp_path / "run"))
     svc = service()
-    wr = regions.map_weights(svc.sock, "small", device=0)
-    t = wr.tensors()
-    ptrs = {n: x.data_ptr() for n, x in t.items()}
+    w = workers(svc.sock, "small")
+    p0 = w.ask("ptrs")
     svc.kill()
-    assert _sha(t) == store["small_sha"]               # the imported mapping keeps its memory: never wrong data
-    wr.release()                                         # the service is gone: release still succeeds
-    with pytest.raises(P.GmsError) as e:
-        wr.reacquire()
-    assert e.value.code == "unreachable" and "cannot reach the GPU memory service at" in str(e.value)
-    assert not wr.mapped
-    svc.start()                                          # restarted: it loads the set again, same layout
-    wr.reacquire()
-    assert _sha(t) == store["small_sha"] and {n: x.data_ptr() for n, x in t.items()} == ptrs
-    wr.release()
-    say("service killed and restarted", reacquire_error=str(e.value))
+    # the imported allocation keeps its memory while the worker holds it: never wrong data
+    assert w.ask("hash")["sha256"] == store["small_sha"]
+    name = AC.find([w.pid])
+    AC.quiesce(name)                                   # release works without the service
+    with pytest.raises(AC.AgentError) as e:
+        AC.resume(name)                                # reacquire needs the service: a clear error
+    assert f"resume failed in pid {w.pid}: GmsError: cannot reach the GPU memory service at {svc.sock}" in str(e.value)
+    svc.start()                                        # restarted: it loads the set again, same layout hash
+    AC.resume(name)
+    assert w.ask("ptrs") == p0
+    assert w.ask("hash")["sha256"] == store["small_sha"]
+    say("service killed and restarted", resume_error=str(e.value))
 
 
 def test_service_killed_mid_load_leaks_nothing(service, big):
@@ -459,9 +461,8 @@ def test_snapshot_round_trip_keeps_weights_and_kv_out_of_the_image(service, work
         assert w.ask("ptrs") == p0                     # same addresses
         assert w.ask("hash")["sha256"] == h0
         assert w.ask("matmul") == m0
-        assert w.ask("kv_check")["same"] is False       # KV content is not kept (fresh memory) ...
-        w.ask("kv_write")
-        assert w.ask("kv_check")["same"] is True        # ... but the pool is there and writable
+        w.ask("kv_write")                               # KV content is not kept (fresh memory), but the pool
+        assert w.ask("kv_check")["same"] is True        # is there, at its address, and writable
         assert image < big["bytes"] / 2, (image, big["bytes"])
         say("snapshot round trip", weights_bytes=big["bytes"], image_bytes=image, checkpoint_s=round(t_ckpt, 2),
             checkpoint_timings=snap.manifest.get("timings"), restore_s=round(t_rest, 2), restore_timings=r.timings,
@@ -472,3 +473,59 @@ def test_snapshot_round_trip_keeps_weights_and_kv_out_of_the_image(service, work
             reap(r.pid)
         except Exception:  # noqa: BLE001
             pass
+
+
+# ---------------------------------------------------------------- the reference worker
+
+def _e2e(tmp_path, *extra: str):
+    sock, ready = tmp_path / f"e2e-{uuid.uuid4().hex[:8]}.sock", tmp_path / f"ready-{uuid.uuid4().hex[:8]}"
+    log = tmp_path / f"e2e-{uuid.uuid4().hex[:8]}.log"
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "DYNSNAP_RUN_DIR": str(tmp_path / "run")}
+    with open(log, "ab") as lf:
+        p = subprocess.Popen([sys.executable, "-m", "dynsnap_core.e2e_worker", "--model", "tiny", "--weights",
+                              str(tmp_path / "weights"), "--sock", str(sock), "--ready", str(ready), "--kv-gb", "0.5",
+                              *extra], stdout=lf, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True)
+    end = time.monotonic() + 600
+    while not ready.exists():
+        assert p.poll() is None and time.monotonic() < end, log.read_text()[-4000:]
+        time.sleep(0.1)
+    return p, json.loads(ready.read_text()), str(sock)
+
+
+def _ask_e2e(sock: str, req: dict) -> dict:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(300)
+    s.connect(sock)
+    with s, s.makefile("rwb") as f:
+        f.write((json.dumps(req) + "\n").encode())
+        f.flush()
+        rep = json.loads(f.readline())
+    assert rep.get("ok"), rep
+    return rep
+
+
+def test_reference_worker_tokens_identical_with_gms(service, store, tmp_path):
+    pytest.importorskip("transformers")
+    from dynsnap_core.e2e_worker import PROMPT
+    svc = service()
+    procs = []
+    try:
+        p1, r1, s1 = _e2e(tmp_path)                     # writes the random weights file once
+        procs.append(p1)
+        p2, r2, s2 = _e2e(tmp_path, "--gms", svc.sock, "--weights-store", store["dir"])
+        procs.append(p2)
+        assert r2["agent"] and r1["tokens"] == r2["tokens"], (r1, r2)
+        st = svc.status()
+        assert [x["holders"] for x in st["sets"] if x["name"].startswith("tiny-")] == [[p2.pid]]
+        tq = AC.quiesce(r2["agent"])
+        _wait(lambda: all(x["holders"] == [] for x in svc.status()["sets"]), what="the quiesced worker to let go")
+        tr = AC.resume(r2["agent"])
+        got = _ask_e2e(s2, {"op": "generate", "tokens": PROMPT, "max_new": 16})["tokens"]
+        assert got == r1["tokens"]
+        say("reference worker on GMS", tokens=got[:8], load_s=round(r2["load_s"], 3),
+            load_s_plain=round(r1["load_s"], 3), quiesce=tq, resume=tr)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
