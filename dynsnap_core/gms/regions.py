@@ -20,14 +20,18 @@ Writing to a read-only weights mapping is an illegal address error on the GPU (t
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import glob
 import mmap
+import os
 import threading
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from . import agent as _agent, layout as L, protocol as P, vmm
 
-__all__ = ["Region", "WeightsRegion", "PrivateRegion", "map_weights", "torch_dtype", "RegionError"]
+__all__ = ["Region", "WeightsRegion", "PrivateRegion", "map_weights", "torch_dtype", "RegionError", "pool_library",
+           "pool_lib", "pool_stats"]
 
 
 class RegionError(P.GmsError):
@@ -221,6 +225,7 @@ class PrivateRegion:
         self.va = region.carve(self.size)
         self._handle: Optional[int] = None
         self._saved: Optional[mmap.mmap] = None
+        self._pool: Optional[tuple] = None
         self._lock = threading.RLock()
         self._acquire()
         _agent.track(self)
@@ -295,11 +300,69 @@ class PrivateRegion:
     def cuda_array_interface(self) -> dict:
         return _Cai(self.va, self.size).__cuda_array_interface__
 
+    @contextlib.contextmanager
+    def torch_pool(self) -> Iterator[Any]:
+        """Route torch's CUDA allocations made inside the block into this region (a ``torch.cuda.MemPool`` over
+        a pluggable allocator, :func:`pool_library`): an engine allocates its KV cache as usual, and quiesce /
+        resume release and bring back that memory at the same addresses. One region at a time per process (the
+        allocator has one process-wide slot); the pool (and this region) must outlive the tensors made in it."""
+        import torch
+        lib = pool_lib()
+        rc = lib.gms_pool_set(ctypes.c_uint64(self.va), ctypes.c_uint64(self.size), ctypes.c_int(self.device))
+        if rc != 0:
+            raise RegionError("another PrivateRegion's torch pool still has live allocations; only one region "
+                              "can back torch allocations at a time" if rc == -16 else
+                              f"cannot use region {self.va:#x} as a torch pool (error {rc})", code="busy")
+        if self._pool is None:
+            alloc = torch.cuda.memory.CUDAPluggableAllocator(pool_library(), "gms_pool_alloc", "gms_pool_free")
+            self._pool = (alloc, torch.cuda.MemPool(alloc.allocator()))
+        with torch.cuda.use_mem_pool(self._pool[1], device=torch.device("cuda", self.device)):
+            yield self._pool[1]
+
     def info(self) -> dict:
         return {"kind": "private", "va": self.va, "size": self.size, "mapped": self.mapped, "keep": self.keep}
 
     def __repr__(self) -> str:
         return f"PrivateRegion(va={self.va:#x}, size={self.size}, mapped={self.mapped})"
+
+
+def pool_library() -> str:
+    """Path of the bump allocator torch's CUDAPluggableAllocator loads (bindings/gms_pool.c, built by setup.py)."""
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_lib")
+    found = sorted(glob.glob(os.path.join(here, "_gmspool*.so")))
+    if not found:
+        raise RegionError(f"the torch pool allocator (_gmspool*.so) is not built in {here}: reinstall the package "
+                          "or run `python setup.py build_ext --inplace`", code="internal")
+    return found[0]
+
+
+_POOL_LIB: Optional[ctypes.CDLL] = None
+
+
+def pool_lib() -> ctypes.CDLL:
+    """The pool allocator loaded with ctypes (the same library object torch's dlopen gets)."""
+    global _POOL_LIB
+    if _POOL_LIB is None:
+        lib = ctypes.CDLL(pool_library())
+        lib.gms_pool_set.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int]
+        lib.gms_pool_set.restype = ctypes.c_int
+        lib.gms_pool_clear.argtypes = []
+        lib.gms_pool_clear.restype = ctypes.c_int
+        lib.gms_pool_stats.argtypes = [ctypes.POINTER(ctypes.c_uint64)] * 4
+        lib.gms_pool_stats.restype = None
+        lib.gms_pool_alloc.argtypes = [ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+        lib.gms_pool_alloc.restype = ctypes.c_void_p
+        lib.gms_pool_free.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+        lib.gms_pool_free.restype = None
+        _POOL_LIB = lib
+    return _POOL_LIB
+
+
+def pool_stats() -> dict:
+    """{base, size, used, live} of the torch pool allocator's slot."""
+    vals = [ctypes.c_uint64(0) for _ in range(4)]
+    pool_lib().gms_pool_stats(*[ctypes.byref(v) for v in vals])
+    return dict(zip(("base", "size", "used", "live"), (v.value for v in vals)))
 
 
 def _nbytes(dtype: Any, shape: Any) -> int:

@@ -302,6 +302,34 @@ def test_private_region_release_frees_memory_and_comes_back_at_the_same_address(
         keep_256MiB_release_ms=round(t_rel * 1e3, 1), keep_256MiB_reacquire_ms=round(t_acq * 1e3, 1))
 
 
+def test_torch_pool_hook_puts_torch_allocations_in_a_releasable_region():
+    size = 2 * GiB
+    pr = regions.PrivateRegion(size, 0)
+    with pr.torch_pool():
+        kv = torch.empty(GiB, dtype=torch.uint8, device="cuda:0")     # what an engine does for its KV cache
+        small = torch.zeros(1000, dtype=torch.float32, device="cuda:0")
+    outside = torch.empty(1 << 20, dtype=torch.uint8, device="cuda:0")
+    assert pr.va <= kv.data_ptr() < pr.va + pr.size and pr.va <= small.data_ptr() < pr.va + pr.size
+    assert not pr.va <= outside.data_ptr() < pr.va + pr.size
+    stats = regions.pool_stats()
+    assert stats["base"] == pr.va and stats["live"] >= 1
+    kv.fill_(5)
+    torch.cuda.synchronize()
+    free0 = vmm.mem_info(0)[0]
+    pr.release()
+    free1 = vmm.mem_info(0)[0]
+    assert free1 - free0 >= size - (64 << 20)
+    pr.reacquire()
+    kv.fill_(9)
+    small += 1
+    torch.cuda.synchronize()
+    assert int(kv[:1 << 20].sum()) == 9 << 20 and float(small.sum()) == 1000.0
+    say("torch pool hook", kv_ptr=hex(kv.data_ptr()), region=hex(pr.va), pool=stats,
+        freed_gib=round((free1 - free0) / GiB, 3))
+    del kv, small
+    pr.release()
+
+
 # ---------------------------------------------------------------- faults
 
 def test_layout_hash_mismatch_is_refused(service):
