@@ -96,7 +96,7 @@ setup(
     + [cxx_extension("dynsnap_core._lib._cudaprobe", "bindings/cudaprobe.cpp"),  # CUDA probe
        cxx_extension("dynsnap_core._lib._h2d", "bindings/_h2d.cpp"),             # weights: pinned H2D pipeline
        # not a Python module: a plain shared object torch's CUDAPluggableAllocator loads (gms torch_pool)
-       Extension("dynsnap_core._lib._gmspool", sources=["bindings/gms_pool.c"], libraries=["pthread"],
+       Extension("dynsnap_core._lib._gmspool", sources=["bindings/gms/gms_pool.c"], libraries=["pthread"],
                  extra_compile_args=["-std=c11", "-O2", "-Wall", "-Wextra", "-Werror"])],
     cmdclass={"build_ext": BuildExt},
 )

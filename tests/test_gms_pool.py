@@ -1,4 +1,4 @@
-"""The torch pool allocator (bindings/gms_pool.c) through ctypes: bump allocation over a range, limits, reuse, threads.
+"""The torch pool allocator (bindings/gms/gms_pool.c) through ctypes: bump allocation over a range, limits, reuse, threads.
 
 The allocator only hands out addresses (it never touches memory), so it is tested here without a GPU with a
 range that is never dereferenced; tests/gpu/test_gpu_gms.py runs it under torch on a real PrivateRegion.

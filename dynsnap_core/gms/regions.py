@@ -327,7 +327,7 @@ class PrivateRegion:
 
 
 def pool_library() -> str:
-    """Path of the bump allocator torch's CUDAPluggableAllocator loads (bindings/gms_pool.c, built by setup.py)."""
+    """Path of the bump allocator torch's CUDAPluggableAllocator loads (bindings/gms/gms_pool.c, built by setup.py)."""
     here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_lib")
     found = sorted(glob.glob(os.path.join(here, "_gmspool*.so")))
     if not found:
