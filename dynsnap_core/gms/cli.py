@@ -34,6 +34,8 @@ def add_parser(sub: Any) -> None:
                    help="a directory holding weight sets the service may load by path (repeatable)")
     p.add_argument("--max-bytes", type=_size, help="budget of resident weight bytes (e.g. 80G); least recently "
                                                    "used unheld sets are freed to stay under it")
+    p.add_argument("--memsvc", metavar="SOCKET", help="take the shards from this host memory service (memfd path) "
+                                                      "instead of reading the store")
     p = g.add_parser("status", help="resident sets, holders, bytes, layout hashes, free GPU memory")
     p.add_argument("--socket")
     p.add_argument("--json", action="store_true")

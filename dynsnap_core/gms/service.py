@@ -61,7 +61,7 @@ class GpuMemoryService:
     """The service: sets by manifest path, one thread per connection, one load at a time."""
 
     def __init__(self, socket_path: str, *, device: int = 0, store: Optional[str] = None,
-                 allow: Iterable[str] = (), max_bytes: Optional[int] = None,
+                 allow: Iterable[str] = (), max_bytes: Optional[int] = None, memsvc: Optional[str] = None,
                  log: Optional[Callable[[str], Any]] = None):
         from ..memsvc import _allowed_roots
         from ..weights import Store
@@ -70,6 +70,7 @@ class GpuMemoryService:
         self.store = Store(store)
         self.roots = _allowed_roots([*allow, str(self.store.root)])
         self.max_bytes = max_bytes
+        self.memsvc = memsvc               # shards from the host memory service (weights' memfd path) when set
         self.log = log or (lambda s: None)
         self.sets: dict[str, _Set] = {}
         self.cond = threading.Condition()
@@ -321,7 +322,7 @@ class GpuMemoryService:
         """Load the set's bytes into the mapping at ``base`` with the weights code (digests checked)."""
         from ..weights import load
         into = {t["name"]: _Target(base + t["offset"], t["dtype"], t["shape"]) for t in table}
-        got = load(ws, device=f"cuda:{self.device}", into=into, verify=True)
+        got = load(ws, device=f"cuda:{self.device}", into=into, verify=True, memsvc=self.memsvc)
         return {"path": got.path, "seconds": got.seconds, "gbps": got.gbps,
                 **{k: v for k, v in got.details.items() if isinstance(v, (int, float, str, bool))}}
 
@@ -375,6 +376,7 @@ class GpuMemoryService:
         return {"ok": True, "service": {"pid": os.getpid(), "uid": os.geteuid(), "socket": self.socket_path,
                                         "device": self.device, "store": str(self.store.root),
                                         "allowed_roots": self.roots, "max_bytes": self.max_bytes,
+                                        "memsvc": self.memsvc,
                                         "started": self._t0},
                 "gpu": gpu, "sets": sets, "resident_bytes": sum(s["bytes"] for s in sets if s["state"] == "resident"),
                 "connections": len(self._conns)}, []
@@ -440,7 +442,7 @@ def serve_main(a: Any) -> int:
     import signal
     import sys
     svc = GpuMemoryService(a.socket or P.default_socket(), device=a.device, store=a.store, allow=a.allow or (),
-                           max_bytes=a.max_bytes, log=lambda m: print(m, file=sys.stderr, flush=True))
+                           max_bytes=a.max_bytes, memsvc=getattr(a, "memsvc", None), log=lambda m: print(m, file=sys.stderr, flush=True))
     svc.bind()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: svc.stop())
