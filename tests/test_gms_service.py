@@ -319,3 +319,19 @@ def test_cli_serve_status_json_and_sigterm(pubdir, tmp_path):
 def test_cli_refuses_a_bad_budget():
     r = cli("gms", "serve", "--max-bytes", "lots")
     assert r.returncode == 2 and "'lots' is not a byte count (e.g. 80G)" in r.stderr
+
+
+def test_ensure_sets_of_a_manifest_entry(svc):
+    from dynsnap_core.gms import agent_client as AC
+    assert AC.ensure_sets({"agent": None, "weight_sets": []}) == {}
+    entry = {"weight_sets": [{"set": "tiny", "layout_hash": "sha256:" + "0" * 64, "service": svc.socket_path}]}
+    with pytest.raises(P.GmsError) as e:
+        AC.ensure_sets(entry)
+    if NO_CUDA:
+        assert e.value.code == "cuda_unavailable" and str(e.value) == NO_CUDA
+    else:
+        assert e.value.code == "mismatch"
+    entry["weight_sets"][0]["set"] = "absent"
+    with pytest.raises(P.GmsError) as e:
+        AC.ensure_sets(entry)
+    assert e.value.code == "not_found"

@@ -140,7 +140,7 @@ class Agent:
             info = r.info() if hasattr(r, "info") else {}
             if info.get("kind") == "weights":
                 sets.append({"set": info["set"], "layout_hash": info["layout_hash"], "bytes": info["size"],
-                             "va": info["va"]})
+                             "va": info["va"], "service": info["service"]})
                 services.add(info["service"])
         return {"agent": self.name, "pid": os.getpid(), "weight_sets": sets, "service_sockets": sorted(services),
                 "private_bytes": sum(r.size for r in self.regions() if getattr(r, "info", lambda: {})().get(

@@ -7,7 +7,8 @@ Wiring for ``dynsnap checkpoint`` / ``restore``::
         entry = agent_client.manifest_entry(name)  # record in the manifest (agent name, sets + layout hashes)
         t_q = agent_client.quiesce(name, timeout=60)
     ... lock -> GPU checkpoint -> CRIU dump -> persist ...
-    # restore: after CRIU restore -> GPU restore -> unlock
+    # restore: ensure_sets(entry) (in a thread, while CRIU restores), then after CRIU restore -> GPU restore ->
+    # unlock
     name = agent_client.renamed(entry["agent"], renames)   # criu_images.rename_taken_abstract_sockets' map
     t_r = agent_client.resume(name, timeout=60)
 
@@ -24,7 +25,8 @@ from ..errors import DynsnapError
 from . import protocol as P
 from .agent import PREFIX, _start_time, agent_file
 
-__all__ = ["AgentError", "find", "ping", "quiesce", "resume", "manifest_entry", "renamed", "bound_names"]
+__all__ = ["AgentError", "find", "ping", "quiesce", "resume", "manifest_entry", "renamed", "bound_names",
+           "ensure_sets"]
 
 
 class AgentError(DynsnapError):
@@ -119,7 +121,7 @@ def resume(name: str, timeout: float = 120.0) -> dict:
 
 
 def manifest_entry(name: str, timeout: float = 10.0) -> dict:
-    """What the snapshot manifest records: {agent, pid, weight_sets: [{set, layout_hash, bytes, va}],
+    """What the snapshot manifest records: {agent, pid, weight_sets: [{set, layout_hash, bytes, va, service}],
     service_sockets, private_bytes}."""
     return _call(name, "manifest", timeout)["entry"]
 
@@ -130,3 +132,21 @@ def renamed(name: str, renames: Mapping[bytes, bytes]) -> str:
     key = b"\0" + name.encode()
     new = renames.get(key)
     return new[1:].decode() if new else name
+
+
+def ensure_sets(entry: Mapping, timeout: float = 3600.0) -> dict:
+    """Make every weight set of a manifest entry resident in its service (loading it from the store if needed:
+    run this while CRIU restores) and check that its layout hash is still the recorded one. Returns
+    {set: {"layout_hash", "bytes", "seconds"}}; GmsError (code ``mismatch`` for a changed layout) otherwise, so a
+    restore can stop before the worker would map other weights."""
+    out: dict = {}
+    for ws in entry.get("weight_sets") or []:
+        t0 = time.perf_counter()
+        with P.Client(ws.get("service") or P.default_socket(), timeout=timeout + 30) as c:
+            r = c.ensure(ws["set"], timeout)
+        if r.get("layout_hash") != ws.get("layout_hash"):
+            raise P.GmsError(f"weight set {ws['set']!r} now has layout hash {r.get('layout_hash')}, the snapshot "
+                             f"recorded {ws.get('layout_hash')}: refusing to restore a worker onto other weights",
+                             code="mismatch")
+        out[ws["set"]] = {"layout_hash": r["layout_hash"], "bytes": r.get("bytes"), "seconds": time.perf_counter() - t0}
+    return out

@@ -26,6 +26,7 @@ import glob
 import mmap
 import os
 import threading
+import time
 from typing import Any, Iterator, Optional
 
 from . import agent as _agent, layout as L, protocol as P, vmm
@@ -119,7 +120,6 @@ class WeightsRegion:
         return self._handle is not None
 
     def _acquire(self) -> None:
-        import time
         t0 = time.perf_counter()
         client = P.Client(self.socket_path, timeout=self.timeout + 30)
         fd = -1
@@ -159,7 +159,6 @@ class WeightsRegion:
             raise
         finally:
             if fd >= 0:
-                import os
                 os.close(fd)
 
     def release(self) -> None:

@@ -471,6 +471,7 @@ def test_snapshot_round_trip_keeps_weights_and_kv_out_of_the_image(service, work
     assert name == w.info["agent"]
     entry = AC.manifest_entry(name)
     assert entry["weight_sets"][0]["layout_hash"] == w.info["layout_hash"] and entry["service_sockets"] == [svc.sock]
+    assert entry["weight_sets"][0]["service"] == svc.sock and entry["agent"] == name
     tq = AC.quiesce(name)
     _wait(lambda: svc.status()["sets"][0]["holders"] == [], what="the quiesced worker to let go")
     t0 = time.perf_counter()
@@ -479,6 +480,8 @@ def test_snapshot_round_trip_keeps_weights_and_kv_out_of_the_image(service, work
     image = snap.total_bytes
     w.kill()
     t0 = time.perf_counter()
+    ens = AC.ensure_sets(entry)                        # (the wiring runs this while CRIU restores)
+    assert ens["big"]["layout_hash"] == w.info["layout_hash"]
     r = dynsnap_core.restore(str(tmp_path / "snap"))
     t_rest = time.perf_counter() - t0
     try:
@@ -494,7 +497,7 @@ def test_snapshot_round_trip_keeps_weights_and_kv_out_of_the_image(service, work
         assert image < big["bytes"] / 2, (image, big["bytes"])
         say("snapshot round trip", weights_bytes=big["bytes"], image_bytes=image, checkpoint_s=round(t_ckpt, 2),
             checkpoint_timings=snap.manifest.get("timings"), restore_s=round(t_rest, 2), restore_timings=r.timings,
-            quiesce=tq, resume=tr)
+            quiesce=tq, resume=tr, ensure_sets=ens)
     finally:
         r.kill()
         try:
