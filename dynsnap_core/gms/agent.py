@@ -18,8 +18,9 @@ quiesce: engine quiesce callbacks (in registration order: drain, pause), synchro
 region (weights, private), synchronize. resume: reacquire every region (in creation order), then the engine
 resume callbacks (in reverse order). A failed quiesce resumes what it released and reports the error.
 
-Process-wide state: one agent per process (the default :class:`Agent`), which tracks the regions of this
-process by weak reference.
+Process-wide state: one agent per process (the default :class:`Agent`), which holds the regions of this
+process (strong references: regions live as long as the process, and one that is dropped while mapped must
+still be released before a snapshot).
 """
 from __future__ import annotations
 
@@ -29,7 +30,6 @@ import secrets
 import socket
 import threading
 import time
-import weakref
 from typing import Any, Callable, Optional
 
 from . import protocol as P
@@ -58,7 +58,7 @@ def _start_time(pid: int) -> Optional[int]:
 class Agent:
     def __init__(self) -> None:
         self._lock = threading.RLock()
-        self._regions: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
+        self._regions: dict[int, Any] = {}      # strong: a region dropped but still mapped must still be released
         self._order = 0
         self._callbacks: list[tuple[Optional[Callable[[], Any]], Optional[Callable[[], Any]]]] = []
         self.name: Optional[str] = None
@@ -79,9 +79,15 @@ class Agent:
             self._order += 1
             self._regions[self._order] = region
 
+    def untrack(self, region: Any) -> None:
+        """Stop managing a region (after its owner released it for good)."""
+        with self._lock:
+            for k in [k for k, r in self._regions.items() if r is region]:
+                del self._regions[k]
+
     def regions(self) -> list:
         with self._lock:
-            return [self._regions[k] for k in sorted(self._regions.keys()) if k in self._regions]
+            return [self._regions[k] for k in sorted(self._regions)]
 
     # ---- the work ----
     def quiesce(self) -> dict:

@@ -171,6 +171,7 @@ class GpuMemoryService:
                     P._close_all(fds)
                     self._reply(conn, {"ok": False, "error": "bad_request",
                                        "message": "malformed message: clients never send file descriptors"})
+                    P.drain(conn)
                     return
                 try:
                     req = P.validate(req)

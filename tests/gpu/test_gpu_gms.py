@@ -7,6 +7,7 @@ the large weight set of the snapshot test (default 8).
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -47,6 +48,12 @@ def _source_small() -> dict:
     return out
 
 
+def _host_bytes(t) -> bytes:
+    """The bytes of a 1-D uint8 tensor (copied to the host; no numpy needed)."""
+    c = t.contiguous().cpu()
+    return ctypes.string_at(c.data_ptr(), c.numel()) if c.numel() else b""
+
+
 def _sha(tensors: dict) -> str:
     h = hashlib.sha256()
     for n in sorted(tensors):
@@ -54,7 +61,7 @@ def _sha(tensors: dict) -> str:
         if t.numel():
             flat = t.reshape(-1).view(torch.uint8)
             for i in range(0, flat.numel(), 256 << 20):
-                h.update(flat[i:i + (256 << 20)].cpu().numpy().tobytes())
+                h.update(_host_bytes(flat[i:i + (256 << 20)]))
     return h.hexdigest()
 
 
