@@ -104,8 +104,14 @@ class Service:
                                          stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
                                          start_new_session=True)
         end = time.monotonic() + 60
-        while not os.path.exists(self.sock):
+        while True:                                      # (a killed predecessor may have left its socket file)
             assert self.proc.poll() is None and time.monotonic() < end, self.log()
+            try:
+                with P.Client(self.sock, timeout=5) as c:
+                    if c.ping()["pid"] == self.proc.pid:
+                        return
+            except P.GmsError:
+                pass
             time.sleep(0.05)
 
     def log(self) -> str:
