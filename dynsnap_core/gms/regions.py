@@ -174,6 +174,8 @@ class WeightsRegion:
                 c, self._client = self._client, None
                 if c is not None:
                     try:
+                        if c.sock is not None:
+                            c.sock.settimeout(10)   # a hung service must not hold up a quiesce
                         c.close_set(self.set_ref)
                     except P.GmsError:
                         pass          # the service is gone: our hold went with the connection
