@@ -164,3 +164,35 @@ def test_renamed_maps_a_restored_name():
 def test_unreachable_agent_is_one_sentence():
     with pytest.raises(AC.AgentError, match=r"^cannot reach the worker's agent @dynsnap-agent-0-none: "):
         AC.ping("dynsnap-agent-0-none", timeout=2)
+
+
+def test_wiring_without_an_agent_a_failed_quiesce_and_a_renamed_agent(start_worker, tmp_path):
+    from dynsnap_core.gms import protocol as P, wiring
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        assert wiring.before_checkpoint([sleeper.pid]) is None     # no agent: the checkpoint goes on as today
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert wiring.after_restore(None) == {} and wiring.after_restore({"agent": None}) == {}
+    assert wiring.before_restore({"weight_sets": []}).wait() == {}
+    p, name, log = start_worker(FAIL_QUIESCE="1")
+    with pytest.raises(AC.AgentError, match="drain refused"):
+        wiring.before_checkpoint([p.pid])
+    assert events(log) == ["quiesce", "resume2", "resume"]        # resumed again: nothing stays paused
+    assert AC.ping(name)["state"] == "running"
+    # a restore that renamed the agent's socket: after_restore resumes it under the new name
+    p2, name2, log2 = start_worker()
+    q = wiring.before_checkpoint([p2.pid])
+    old = name2[:-16] + "0" * 16
+    entry = {**q.manifest, "agent": old}
+    t = wiring.after_restore(entry, wiring.before_restore(entry), {b"\0" + old.encode(): b"\0" + name2.encode()})
+    assert t["gms_agent"] == name2 and events(log2) == ["quiesce", "quiesce2", "resume2", "resume"]
+    # weight sets whose service is gone: waiting for them raises the service's sentence
+    entry = {"agent": name2, "weight_sets": [{"set": "x", "layout_hash": None,
+                                              "service": str(tmp_path / "no.sock")}]}
+    pre = wiring.before_restore(entry)
+    with pytest.raises(P.GmsError, match="cannot reach the GPU memory service at"):
+        pre.wait(30)
+    with pytest.raises(P.GmsError, match="cannot reach the GPU memory service at"):
+        wiring.after_restore(entry, pre, {})

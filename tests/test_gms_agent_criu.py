@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from dynsnap_core.gms import agent_client as AC
+from dynsnap_core.gms import agent_client as AC, wiring
 from helpers import ROOT, wait_ready
 
 pytestmark = [pytest.mark.criu, pytest.mark.root, pytest.mark.timeout(300)]
@@ -61,20 +61,35 @@ def test_agent_worker_survives_checkpoint_and_restore_twice(tmp_path, home, monk
         name = AC.find([pid])
         assert name is not None and name.startswith(f"dynsnap-agent-{pid}-")
         for cycle in (1, 2):
-            t = AC.quiesce(name)
-            assert t["regions"] == 0
+            if cycle == 1:                             # the raw agent_client calls
+                t = AC.quiesce(name)
+                assert t["regions"] == 0
+                entry = AC.manifest_entry(name)
+            else:                                      # the wiring the checkpoint/restore will call
+                q = wiring.before_checkpoint([pid])
+                assert q is not None and q.name == name and q.manifest["agent"] == name
+                assert set(q.timings) == {"gms_quiesce", "gms_quiesce_worker"}
+                entry = q.manifest
+            assert AC.ping(name)["state"] == "quiesced"
             snap = ds.checkpoint(pid, tmp_path / f"snap{cycle}")
             assert snap.manifest["root_pid"] == pid
             if cycle == 1:
                 p.wait(30)                             # the checkpoint stopped the original: reap it
+                wiring.after_checkpoint(None, kept_running=True)      # no agent: nothing to do
             else:
+                wiring.after_checkpoint(q, kept_running=False)        # stopped: nothing to resume
                 _kill(pid)
+            pre = wiring.before_restore(entry)         # no weight sets: nothing to prepare
             r = ds.restore(snap.path)
             assert r.pid == pid
             name2 = AC.find([pid])
             assert name2 == name                       # nobody took the name meanwhile: no rename
             assert AC.ping(name2)["state"] == "quiesced"
-            AC.resume(name2)
+            if cycle == 1:
+                AC.resume(name2)
+            else:
+                t = wiring.after_restore(entry, pre, {})
+                assert t["gms_agent"] == name and t["gms_sets"] == {}
             assert AC.ping(name2)["state"] == "running"
         assert events.read_text().split() == ["quiesce", "resume"] * 2
     finally:

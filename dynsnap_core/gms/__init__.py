@@ -8,9 +8,12 @@
 - :mod:`.service`: ``dynsnap gms serve``: the long-lived process that owns the physical allocations.
 - :mod:`.regions`: the worker side: VA reservations, weights mapped from the service, private regions.
 - :mod:`.agent` / :mod:`.agent_client`: quiesce/resume of a worker over an abstract Unix socket.
+- :mod:`.wiring`: the calls ``dynsnap checkpoint``/``restore`` make around the freeze (find, quiesce, record,
+  make the weight sets resident beside CRIU's restore, resume).
+- :mod:`.worker`: a torch model built on a service's weights, a KV pool in a private region.
 
 Importing this package never needs a GPU, a driver or cuda-python.
 """
 from __future__ import annotations
 
-__all__ = ["vmm", "protocol", "layout", "policy", "service", "regions", "agent", "agent_client"]
+__all__ = ["vmm", "protocol", "layout", "policy", "service", "regions", "agent", "agent_client", "wiring", "worker"]
