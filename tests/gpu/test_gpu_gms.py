@@ -404,6 +404,28 @@ def test_a_set_larger_than_free_gpu_memory_is_refused_and_nothing_leaks(service,
     say("too large refused", message=str(e.value))
 
 
+def test_a_corrupt_shard_fails_the_load_and_frees_its_memory(service, store, tmp_path):
+    import shutil
+    bad = tmp_path / "bad-store"
+    shutil.copytree(store["dir"], bad)
+    shard = store["small"].shard_path(0).replace(store["dir"], str(bad))
+    with open(shard, "r+b") as f:                        # one flipped byte in the first shard
+        f.seek(4096 + 17)
+        b = f.read(1)
+        f.seek(4096 + 17)
+        f.write(bytes([b[0] ^ 0xFF]))
+    svc = service(store_dir=str(bad))
+    free0 = svc.status()["gpu"]["free"]
+    with svc.client() as c:
+        with pytest.raises(P.GmsError) as e:
+            c.open("small")
+        assert e.value.code == "failed" and str(e.value).startswith("loading weight set 'small' failed: ")
+        st = c.status()
+    assert st["sets"][0]["state"] == "failed" and st["resident_bytes"] == 0 and st["sets"][0]["holders"] == []
+    assert st["gpu"]["free"] >= free0 - (64 << 20)       # the allocation of the failed load is gone
+    say("corrupt shard refused", message=str(e.value))
+
+
 def test_service_killed_while_a_worker_holds_a_mapping(service, workers, store, tmp_path, monkeypatch):
     """In a worker process, so that a CUDA error (if the driver behaved otherwise) cannot poison this one."""
     monkeypatch.setenv("DYNSNAP_RUN_DIR", str(tmp_path / "run"))
