@@ -166,33 +166,41 @@ def test_unreachable_agent_is_one_sentence():
         AC.ping("dynsnap-agent-0-none", timeout=2)
 
 
-def test_wiring_without_an_agent_a_failed_quiesce_and_a_renamed_agent(start_worker, tmp_path):
+def test_wiring_without_an_agent_a_failed_quiesce_and_renamed_agents(start_worker, tmp_path):
     from dynsnap_core.gms import protocol as P, wiring
     sleeper = subprocess.Popen(["sleep", "60"])
     try:
         assert wiring.before_checkpoint([sleeper.pid]) is None     # no agent: the checkpoint goes on as today
+        assert AC.find_all([sleeper.pid]) == []
     finally:
         sleeper.kill()
         sleeper.wait()
-    assert wiring.after_restore(None) == {} and wiring.after_restore({"agent": None}) == {}
-    assert wiring.before_restore({"weight_sets": []}).wait() == {}
-    p, name, log = start_worker(FAIL_QUIESCE="1")
+    assert wiring.after_restore(None) == {} and wiring.after_restore({"agents": []}) == {}
+    assert wiring.before_restore({"agents": [{"weight_sets": []}]}).wait() == {}
+    # two workers with agents (one fails its quiesce): both are resumed again, the error is raised
+    good, gname, glog = start_worker()
+    bad, bname, blog = start_worker(FAIL_QUIESCE="1")
+    assert AC.find_all([good.pid, os.getpid(), bad.pid]) == [gname, bname]
     with pytest.raises(AC.AgentError, match="drain refused"):
-        wiring.before_checkpoint([p.pid])
-    assert events(log) == ["quiesce", "resume2", "resume"]        # resumed again: nothing stays paused
-    assert AC.ping(name)["state"] == "running"
-    # a restore that renamed the agent's socket: after_restore resumes it under the new name
+        wiring.before_checkpoint([good.pid, bad.pid])
+    assert events(glog) == ["quiesce", "quiesce2", "resume2", "resume"]
+    assert events(blog) == ["quiesce", "resume2", "resume"]         # nothing stays paused
+    assert AC.ping(gname)["state"] == AC.ping(bname)["state"] == "running"
+    # a restore that renamed both agents' sockets: after_restore resumes them under their new names
     p2, name2, log2 = start_worker()
-    q = wiring.before_checkpoint([p2.pid])
-    old = name2[:-16] + "0" * 16
-    entry = {**q.manifest, "agent": old}
-    t = wiring.after_restore(entry, wiring.before_restore(entry), {b"\0" + old.encode(): b"\0" + name2.encode()})
-    assert t["gms_agent"] == name2 and events(log2) == ["quiesce", "quiesce2", "resume2", "resume"]
+    q = wiring.before_checkpoint([p2.pid, good.pid])
+    assert q.names == [name2, gname] and len(q.manifest["agents"]) == 2
+    olds = [n[:-16] + "0" * 16 for n in (name2, gname)]
+    gms = {"agents": [{**e, "agent": o} for e, o in zip(q.manifest["agents"], olds)]}
+    renames = {b"\0" + o.encode(): b"\0" + n.encode() for o, n in zip(olds, (name2, gname))}
+    t = wiring.after_restore(gms, wiring.before_restore(gms), renames)
+    assert t["gms_agents"] == [name2, gname] and events(log2) == ["quiesce", "quiesce2", "resume2", "resume"]
+    assert AC.ping(gname)["state"] == "running"
     # weight sets whose service is gone: waiting for them raises the service's sentence
-    entry = {"agent": name2, "weight_sets": [{"set": "x", "layout_hash": None,
-                                              "service": str(tmp_path / "no.sock")}]}
-    pre = wiring.before_restore(entry)
+    gms = {"agents": [{"agent": name2, "weight_sets": [{"set": "x", "layout_hash": None,
+                                                        "service": str(tmp_path / "no.sock")}]}]}
+    pre = wiring.before_restore(gms)
     with pytest.raises(P.GmsError, match="cannot reach the GPU memory service at"):
         pre.wait(30)
     with pytest.raises(P.GmsError, match="cannot reach the GPU memory service at"):
-        wiring.after_restore(entry, pre, {})
+        wiring.after_restore(gms, pre, {})

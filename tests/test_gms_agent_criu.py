@@ -64,12 +64,12 @@ def test_agent_worker_survives_checkpoint_and_restore_twice(tmp_path, home, monk
             if cycle == 1:                             # the raw agent_client calls
                 t = AC.quiesce(name)
                 assert t["regions"] == 0
-                entry = AC.manifest_entry(name)
+                gms = {"agents": [AC.manifest_entry(name)]}
             else:                                      # the wiring the checkpoint/restore will call
                 q = wiring.before_checkpoint([pid])
-                assert q is not None and q.name == name and q.manifest["agent"] == name
-                assert set(q.timings) == {"gms_quiesce", "gms_quiesce_worker"}
-                entry = q.manifest
+                assert q is not None and q.names == [name] and q.manifest["agents"][0]["agent"] == name
+                assert set(q.timings) == {"gms_quiesce", "gms_quiesce_workers"}
+                gms = q.manifest
             assert AC.ping(name)["state"] == "quiesced"
             snap = ds.checkpoint(pid, tmp_path / f"snap{cycle}")
             assert snap.manifest["root_pid"] == pid
@@ -79,7 +79,7 @@ def test_agent_worker_survives_checkpoint_and_restore_twice(tmp_path, home, monk
             else:
                 wiring.after_checkpoint(q, kept_running=False)        # stopped: nothing to resume
                 _kill(pid)
-            pre = wiring.before_restore(entry)         # no weight sets: nothing to prepare
+            pre = wiring.before_restore(gms)         # no weight sets: nothing to prepare
             r = ds.restore(snap.path)
             assert r.pid == pid
             name2 = AC.find([pid])
@@ -88,8 +88,8 @@ def test_agent_worker_survives_checkpoint_and_restore_twice(tmp_path, home, monk
             if cycle == 1:
                 AC.resume(name2)
             else:
-                t = wiring.after_restore(entry, pre, {})
-                assert t["gms_agent"] == name and t["gms_sets"] == {}
+                t = wiring.after_restore(gms, pre, {})
+                assert t["gms_agents"] == [name] and t["gms_sets"] == {}
             assert AC.ping(name2)["state"] == "running"
         assert events.read_text().split() == ["quiesce", "resume"] * 2
     finally:

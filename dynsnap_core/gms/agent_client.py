@@ -25,7 +25,7 @@ from ..errors import DynsnapError
 from . import protocol as P
 from .agent import PREFIX, _start_time, agent_file
 
-__all__ = ["AgentError", "find", "ping", "quiesce", "resume", "manifest_entry", "renamed", "bound_names",
+__all__ = ["AgentError", "find", "find_all", "ping", "quiesce", "resume", "manifest_entry", "renamed", "bound_names",
            "ensure_sets"]
 
 
@@ -45,6 +45,16 @@ def bound_names() -> set[str]:
                     out.add(parts[7][1:])
     except OSError:
         pass
+    return out
+
+
+def find_all(pids: Iterable[int]) -> list[str]:
+    """The agent socket names of every process in ``pids`` that runs one (a tensor-parallel engine has several)."""
+    out = []
+    for pid in pids:
+        name = find([pid])
+        if name is not None and name not in out:
+            out.append(name)
     return out
 
 

@@ -1,7 +1,7 @@
-"""The four calls ``dynsnap checkpoint`` / ``restore`` make for a worker that runs the agent (GMS regions).
+"""The four calls ``dynsnap checkpoint`` / ``restore`` make for workers that run the agent (GMS regions).
 
     # checkpoint
-    q = wiring.before_checkpoint(tree_pids)          # None: no agent, checkpoint as today
+    q = wiring.before_checkpoint(tree_pids)          # None: no agent in the tree, checkpoint as today
     try:
         ... lock -> GPU checkpoint -> CRIU dump -> persist (manifest["gms"] = q.manifest) ...
     except BaseException:
@@ -14,7 +14,10 @@
     ... CRIU restore (renames = criu_images.rename_taken_abstract_sockets(...)) -> GPU restore -> unlock ...
     timings = wiring.after_restore(manifest.get("gms"), pre, renames)   # wait for the sets, then resume
 
-Every step's timings end up in ``Quiesced.timings`` / the dict ``after_restore`` returns, for the JSON output.
+``q.manifest`` is ``{"agents": [entry, ...]}``, one entry per process of the tree that runs an agent (a
+tensor-parallel engine has one per GPU worker): ``{agent, pid, weight_sets: [{set, layout_hash, bytes, va,
+service}], service_sockets, private_bytes}``. Timings go to ``Quiesced.timings`` / the dict ``after_restore``
+returns, for the JSON output.
 """
 from __future__ import annotations
 
@@ -31,29 +34,45 @@ __all__ = ["Quiesced", "Prepared", "before_checkpoint", "after_checkpoint", "bef
 
 @dataclass
 class Quiesced:
-    """A worker quiesced for a checkpoint: ``manifest`` is what the snapshot's manifest records under "gms"."""
-    name: str
+    """Workers quiesced for a checkpoint: ``manifest`` is what the snapshot's manifest records under "gms"."""
+    names: list
     manifest: dict
     timings: dict = field(default_factory=dict)
 
 
+def _resume_all(names: Iterable[str], timeout: float) -> dict:
+    out, first = {}, None
+    for n in names:
+        try:
+            out[n] = AC.resume(n, timeout)
+        except AC.AgentError as e:
+            first = first or e
+    if first is not None:
+        raise first
+    return out
+
+
 def before_checkpoint(pids: Iterable[int], timeout: float = 120.0) -> Optional[Quiesced]:
-    """Find the agent in the tree, record its manifest entry, quiesce it. None when no process runs an agent.
-    On a failed quiesce the worker is resumed again and the AgentError is raised (nothing was frozen)."""
-    name = AC.find(list(pids))
-    if name is None:
+    """Find the agents in the tree, record their manifest entries, quiesce them (in tree order). None when no
+    process runs an agent. If any quiesce fails, every agent asked so far is resumed again and the AgentError is
+    raised (nothing was frozen)."""
+    names = AC.find_all(list(pids))
+    if not names:
         return None
     t0 = time.perf_counter()
-    entry = AC.manifest_entry(name, timeout=min(timeout, 30.0))
+    entries, per, asked = [], {}, []
     try:
-        t = AC.quiesce(name, timeout)
+        for n in names:
+            entries.append(AC.manifest_entry(n, timeout=min(timeout, 30.0)))
+            asked.append(n)
+            per[n] = AC.quiesce(n, timeout)
     except AC.AgentError:
         try:
-            AC.resume(name, timeout)
+            _resume_all(asked, timeout)
         except AC.AgentError:
             pass
         raise
-    return Quiesced(name, entry, {"gms_quiesce": time.perf_counter() - t0, "gms_quiesce_worker": t})
+    return Quiesced(names, {"agents": entries}, {"gms_quiesce": time.perf_counter() - t0, "gms_quiesce_workers": per})
 
 
 def after_checkpoint(q: Optional[Quiesced], kept_running: bool, timeout: float = 120.0) -> None:
@@ -61,27 +80,28 @@ def after_checkpoint(q: Optional[Quiesced], kept_running: bool, timeout: float =
     A stopped source needs nothing."""
     if q is not None and kept_running:
         t0 = time.perf_counter()
-        t = AC.resume(q.name, timeout)
-        q.timings.update({"gms_resume": time.perf_counter() - t0, "gms_resume_worker": t})
+        per = _resume_all(q.names, timeout)
+        q.timings.update({"gms_resume": time.perf_counter() - t0, "gms_resume_workers": per})
 
 
 class Prepared:
     """The weight sets of a snapshot being made resident in a thread (started by :func:`before_restore`)."""
 
-    def __init__(self, entry: Optional[Mapping], timeout: float):
-        self.entry = entry
+    def __init__(self, gms: Optional[Mapping], timeout: float):
+        sets = [ws for e in (gms or {}).get("agents") or [] for ws in e.get("weight_sets") or []]
         self.result: Optional[dict] = None
         self.error: Optional[BaseException] = None
         self.seconds = 0.0
         self._thread: Optional[threading.Thread] = None
-        if entry and entry.get("weight_sets"):
-            self._thread = threading.Thread(target=self._run, args=(timeout,), daemon=True, name="gms-prepare")
+        if sets:
+            self._thread = threading.Thread(target=self._run, args=({"weight_sets": sets}, timeout), daemon=True,
+                                            name="gms-prepare")
             self._thread.start()
 
-    def _run(self, timeout: float) -> None:
+    def _run(self, entry: dict, timeout: float) -> None:
         t0 = time.perf_counter()
         try:
-            self.result = AC.ensure_sets(self.entry or {}, timeout)
+            self.result = AC.ensure_sets(entry, timeout)
         except BaseException as e:  # noqa: BLE001 - re-raised by wait()
             self.error = e
         self.seconds = time.perf_counter() - t0
@@ -99,21 +119,22 @@ class Prepared:
         return dict(self.result or {})
 
 
-def before_restore(entry: Optional[Mapping], timeout: float = 3600.0) -> Prepared:
+def before_restore(gms: Optional[Mapping], timeout: float = 3600.0) -> Prepared:
     """Start making the snapshot's weight sets resident (and checking their layout hashes) while CRIU restores."""
-    return Prepared(entry, timeout)
+    return Prepared(gms, timeout)
 
 
-def after_restore(entry: Optional[Mapping], prepared: Optional[Prepared] = None,
+def after_restore(gms: Optional[Mapping], prepared: Optional[Prepared] = None,
                   renames: Optional[Mapping[bytes, bytes]] = None, timeout: float = 120.0) -> dict:
-    """After CRIU restore, GPU restore and unlock: wait for the weight sets, then resume the worker under its
+    """After CRIU restore, GPU restore and unlock: wait for the weight sets, then resume every worker under its
     (possibly renamed) agent name. Returns the timings."""
-    if not entry or not entry.get("agent"):
+    entries = [e for e in (gms or {}).get("agents") or [] if e.get("agent")]
+    if not entries:
         return {}
     t0 = time.perf_counter()
     sets = prepared.wait() if prepared is not None else {}
     t1 = time.perf_counter()
-    name = AC.renamed(str(entry["agent"]), renames or {})
-    t = AC.resume(name, timeout)
+    names = [AC.renamed(str(e["agent"]), renames or {}) for e in entries]
+    per = _resume_all(names, timeout)
     return {"gms_sets_wait": t1 - t0, "gms_sets": sets, "gms_resume": time.perf_counter() - t1,
-            "gms_resume_worker": t, "gms_agent": name}
+            "gms_resume_workers": per, "gms_agents": names}
