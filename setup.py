@@ -94,6 +94,9 @@ setup(
                            c_core_extension("dynsnap_core._lib._memfd", "bindings/_memfd.pyx")],   # memfd restore
                           language_level=3, compiler_directives={"boundscheck": False, "wraparound": False})
     + [cxx_extension("dynsnap_core._lib._cudaprobe", "bindings/cudaprobe.cpp"),  # CUDA probe
-       cxx_extension("dynsnap_core._lib._h2d", "bindings/_h2d.cpp")],            # weights: pinned H2D pipeline
+       cxx_extension("dynsnap_core._lib._h2d", "bindings/_h2d.cpp"),             # weights: pinned H2D pipeline
+       # not a Python module: a plain shared object torch's CUDAPluggableAllocator loads (gms torch_pool)
+       Extension("dynsnap_core._lib._gmspool", sources=["bindings/gms/gms_pool.c"], libraries=["pthread"],
+                 extra_compile_args=["-std=c11", "-O2", "-Wall", "-Wextra", "-Werror"])],
     cmdclass={"build_ext": BuildExt},
 )

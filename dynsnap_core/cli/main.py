@@ -453,6 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_memsvc)
 
+    from ..gms.cli import add_parser as _gms_parser
+    _gms_parser(sub)
+
     s = sub.add_parser("cuda-checkpoint", add_help=False,
                        help="NVIDIA cuda-checkpoint compatible tool (--pid, --action, --toggle, ...)")
     s.set_defaults(fn=None)

@@ -10,6 +10,11 @@ generation, and requests arrive on a Unix socket, one JSON object per line, one 
     {"op": "resume"}                                 -> {"ok": true, "kv_bytes": n}        KV pool allocated again
     {"op": "memory"}                                 -> {"ok": true, "allocated": n, "reserved": n, "kv_bytes": n}
 
+With ``--gms SOCKET`` the weights come from the GPU memory service (imported once into the weight store as
+set ``--gms-set``, mapped read-only, the model's parameters are views of the mapping), the KV pool is a
+``PrivateRegion``, and the in-worker agent (dynsnap_core.gms.agent) is started: quiesce releases both (the
+physical memory is freed, the addresses kept), resume maps them back at the same addresses.
+
 ``quiesce``/``resume`` are the hooks a checkpoint calls around the freeze: what need not travel in the snapshot
 (the KV pool, the allocator's cache) is released before, and put back after restore.
 
@@ -78,34 +83,54 @@ def ensure_weights(model: str, directory: str) -> str:
 
 
 class Worker:
-    def __init__(self, model: str, weights: str, device: str, kv_bytes: int) -> None:
+    def __init__(self, model: str, weights: str, device: str, kv_bytes: int, gms: Any = None) -> None:
         import torch
         from safetensors.torch import load_file
         from transformers import Qwen3ForCausalLM
         self.torch, self.device, self.kv_bytes = torch, torch.device(device), kv_bytes
         cfg = config_for(model)
-        with torch.device("meta"):                  # no random init: the weights come from the file
-            m = Qwen3ForCausalLM(cfg)
-        m = m.to_empty(device=self.device)
-        sd = load_file(weights, device=str(self.device))
-        missing, _ = m.load_state_dict(sd, strict=False, assign=True)
-        if cfg.tie_word_embeddings:
-            m.tie_weights()
-        if [k for k in missing if k != "lm_head.weight"]:
-            raise RuntimeError(f"weights file {weights} lacks {missing[:3]}")
+        self.gms = gms
+        if gms is not None:                         # (socket, set name, store): weights from the service
+            from .gms import worker as gw
+            self.weights_region, m = gw.model_from_service(Qwen3ForCausalLM, cfg, gms[0], gw.ensure_set(
+                weights, gms[1], gms[2]), self.device.index or 0)
+        else:
+            with torch.device("meta"):                  # no random init: the weights come from the file
+                m = Qwen3ForCausalLM(cfg)
+            m = m.to_empty(device=self.device)
+            sd = load_file(weights, device=str(self.device))
+            missing, _ = m.load_state_dict(sd, strict=False, assign=True)
+            if cfg.tie_word_embeddings:
+                m.tie_weights()
+            if [k for k in missing if k != "lm_head.weight"]:
+                raise RuntimeError(f"weights file {weights} lacks {missing[:3]}")
         # non-persistent buffers (the rotary frequencies) are not in the file: compute them on the device
         with torch.device(self.device):
             m.model.rotary_emb = type(m.model.rotary_emb)(cfg)
         self.model = m.eval()
         self.kv = None
+        if gms is not None:
+            from .gms import worker as gw
+            self.kv_region = gw.kv_pool(kv_bytes, self.device.index or 0) if kv_bytes else None
+            self.kv = self.kv_region.tensor()[:kv_bytes] if self.kv_region is not None else None
+            self.agent = gw.start_agent()
+            return
         self.resume()
 
     def resume(self) -> int:
+        if self.gms is not None:                    # regions come back at their addresses; self.kv stays valid
+            from .gms import agent
+            agent.default().resume()
+            return self.kv_bytes
         if self.kv is None and self.kv_bytes:
             self.kv = self.torch.zeros(self.kv_bytes, dtype=self.torch.uint8, device=self.device)
         return self.kv_bytes if self.kv is not None else 0
 
     def quiesce(self) -> int:
+        if self.gms is not None:                    # weights and KV pool released, addresses kept
+            from .gms import agent
+            agent.default().quiesce()
+            return self.kv_bytes
         freed = 0
         if self.kv is not None:
             freed, self.kv = self.kv.numel(), None
@@ -171,17 +196,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda:0")
     ap.add_argument("--kv-gb", type=float, default=0.0, help="KV pool allocated up front, GB")
     ap.add_argument("--max-new", type=int, default=16, help="tokens of the warm-up generation")
+    ap.add_argument("--gms", metavar="SOCKET", help="take the weights from this GPU memory service (see above)")
+    ap.add_argument("--gms-set", help="with --gms: weight set name (default: the weights file's name)")
+    ap.add_argument("--weights-store", help="with --gms: weight store to import the set into (the service's)")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
     import torch  # noqa: F401 - timed as part of the start
     import transformers  # noqa: F401
     t_import = time.perf_counter() - t0
-    w = Worker(a.model, ensure_weights(a.model, a.weights), a.device, int(a.kv_gb * 1e9))
+    path = ensure_weights(a.model, a.weights)
+    gms = (a.gms, a.gms_set or os.path.basename(path).rsplit(".", 1)[0], a.weights_store) if a.gms else None
+    w = Worker(a.model, path, a.device, int(a.kv_gb * 1e9), gms)
     t_load = time.perf_counter() - t0 - t_import
     first = w.generate(PROMPT, a.max_new)
     with open(a.ready + ".tmp", "w") as fh:
         json.dump({"pid": os.getpid(), "import_s": t_import, "load_s": t_load,
-                   "warm_s": time.perf_counter() - t0 - t_import - t_load, "tokens": first}, fh)
+                   "warm_s": time.perf_counter() - t0 - t_import - t_load, "tokens": first,
+                   "agent": getattr(w, "agent", None)}, fh)
     os.replace(a.ready + ".tmp", a.ready)
     _serve(w, a.sock)
     return 0
