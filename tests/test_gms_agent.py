@@ -115,7 +115,10 @@ def test_a_failing_quiesce_is_reported_and_the_worker_keeps_running(start_worker
     with pytest.raises(AC.AgentError) as e:
         AC.quiesce(name)
     assert str(e.value) == f"quiesce failed in pid {p.pid}: RuntimeError: drain refused"
-    assert p.poll() is None and AC.ping(name)["state"] == "running"
+    # the worker lives; its state says a quiesce stopped half-way, and resume undoes it
+    assert p.poll() is None and AC.ping(name)["state"] == "quiescing"
+    assert AC.resume(name).get("already") is None
+    assert AC.ping(name)["state"] == "running"
 
 
 def test_malformed_agent_requests_are_answered_and_the_agent_keeps_serving(start_worker):

@@ -48,6 +48,9 @@ def _kill(pid: int) -> None:
 
 
 def test_agent_worker_survives_checkpoint_and_restore_twice(tmp_path, home, monkeypatch):
+    """dynsnap checkpoint quiesces the worker through its agent and records the agent in the manifest; restore
+    resumes it; once stopped by the checkpoint, once left running (then the source is resumed right after the
+    dump and the restored copy is resumed again after its restore)."""
     import dynsnap_core as ds
     monkeypatch.setenv("DYNSNAP_RUN_DIR", str(tmp_path / "run"))
     events, ready, logp = tmp_path / "events", tmp_path / "ready", tmp_path / "worker.log"
@@ -60,37 +63,27 @@ def test_agent_worker_survives_checkpoint_and_restore_twice(tmp_path, home, monk
         wait_ready(p, ready, logp, "agent worker failed to start")
         name = AC.find([pid])
         assert name is not None and name.startswith(f"dynsnap-agent-{pid}-")
-        for cycle in (1, 2):
-            if cycle == 1:                             # the raw agent_client calls
-                t = AC.quiesce(name)
-                assert t["regions"] == 0
-                gms = {"agents": [AC.manifest_entry(name)]}
-            else:                                      # the wiring the checkpoint/restore will call
-                q = wiring.before_checkpoint([pid])
-                assert q is not None and q.names == [name] and q.manifest["agents"][0]["agent"] == name
-                assert set(q.timings) == {"gms_quiesce", "gms_quiesce_workers"}
-                gms = q.manifest
-            assert AC.ping(name)["state"] == "quiesced"
-            snap = ds.checkpoint(pid, tmp_path / f"snap{cycle}")
-            assert snap.manifest["root_pid"] == pid
-            if cycle == 1:
-                p.wait(30)                             # the checkpoint stopped the original: reap it
-                wiring.after_checkpoint(None, kept_running=True)      # no agent: nothing to do
-            else:
-                wiring.after_checkpoint(q, kept_running=False)        # stopped: nothing to resume
+        assert wiring.before_checkpoint([os.getpid()]) is None       # no agent in that tree: checkpoint as today
+        for cycle, leave in ((1, False), (2, True)):
+            snap = ds.checkpoint(pid, tmp_path / f"snap{cycle}", leave_running=leave)
+            m = snap.manifest
+            assert m["root_pid"] == pid
+            assert [a["agent"] for a in m["gms"]["agents"]] == [name]
+            assert m["gms"]["agents"][0]["weight_sets"] == [] and m["gms"]["agents"][0]["pid"] == pid
+            assert m["timings"]["gms_quiesce"] >= 0
+            if leave:
+                assert m["timings"]["gms_resume"] >= 0
+                assert AC.ping(name)["state"] == "running"     # the source serves again after the dump
                 _kill(pid)
-            pre = wiring.before_restore(gms)         # no weight sets: nothing to prepare
+            else:
+                p.wait(30)                             # the checkpoint stopped the original: reap it
             r = ds.restore(snap.path)
-            assert r.pid == pid
+            assert r.pid == pid and r.timings["gms_resume"] >= 0
             name2 = AC.find([pid])
             assert name2 == name                       # nobody took the name meanwhile: no rename
-            assert AC.ping(name2)["state"] == "quiesced"
-            if cycle == 1:
-                AC.resume(name2)
-            else:
-                t = wiring.after_restore(gms, pre, {})
-                assert t["gms_agents"] == [name] and t["gms_sets"] == {}
             assert AC.ping(name2)["state"] == "running"
-        assert events.read_text().split() == ["quiesce", "resume"] * 2
+            assert AC.resume(name2).get("already") is True             # resuming a running worker: a no-op
+        # cycle 1: quiesce (checkpoint), resume (restore); cycle 2: quiesce, resume (source), resume (restored copy)
+        assert events.read_text().split() == ["quiesce", "resume", "quiesce", "resume", "resume"]
     finally:
         _kill(pid)

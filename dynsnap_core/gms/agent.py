@@ -91,7 +91,11 @@ class Agent:
 
     # ---- the work ----
     def quiesce(self) -> dict:
+        """Engine callbacks (drain, pause), then release every region. A second quiesce is a no-op."""
         with self._lock:
+            if self.state == "quiesced":
+                return {"total_s": 0.0, "regions": 0, "already": True}
+            self.state = "quiescing"        # a quiesce that fails half-way is undone by resume
             t = {}
             t0 = time.perf_counter()
             for q, _r in self._callbacks:
@@ -123,7 +127,10 @@ class Agent:
             return t
 
     def resume(self) -> dict:
+        """Reacquire every region, then the engine callbacks (in reverse). Resuming a running worker is a no-op."""
         with self._lock:
+            if self.state == "running":
+                return {"total_s": 0.0, "already": True}
             t = {}
             t0 = time.perf_counter()
             for r in self.regions():

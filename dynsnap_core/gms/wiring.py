@@ -29,7 +29,13 @@ from typing import Iterable, Mapping, Optional
 from . import agent_client as AC
 from .protocol import GmsError
 
-__all__ = ["Quiesced", "Prepared", "before_checkpoint", "after_checkpoint", "before_restore", "after_restore"]
+__all__ = ["Quiesced", "Prepared", "before_checkpoint", "after_checkpoint", "before_restore", "after_restore",
+           "flat_timings"]
+
+
+def flat_timings(timings: Mapping) -> dict:
+    """The plain numbers of a timings dict, for a snapshot's flat timings (per-worker details stay out)."""
+    return {k: v for k, v in timings.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 @dataclass

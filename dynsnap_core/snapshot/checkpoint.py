@@ -207,6 +207,7 @@ class _Checkpoint:
         self.gpu: dict = {}
         self.frozen = self.committed = False
         self.sigstate: dict = {}
+        self.gms: Any = None            # workers whose in-worker agent quiesced them (GPU memory service regions)
 
     def take(self) -> Snapshot:
         self.describe()
@@ -216,6 +217,7 @@ class _Checkpoint:
         self.t_freeze = time.perf_counter()
         try:
             with _deferred_signals(self.sigstate):
+                self.quiesce()
                 self.gpu_checkpoint()
                 self.criu_dump()
                 self.persist()
@@ -246,6 +248,17 @@ class _Checkpoint:
             self.log(f"note: pid(s) {', '.join(map(str, user_stopped))} were stopped before the checkpoint and stay "
                      "stopped")
         self.resume = [p for p in pids if p not in user_stopped]
+
+    def quiesce(self) -> None:
+        """Workers that run dynsnap's agent (dynsnap_core/gms/agent.py) pause and release their GPU regions
+        (weights mapped from the GPU memory service, KV pools), so none of those bytes enter the image; the
+        manifest names the weight sets and their layout hashes instead. No agent in the tree: nothing to do."""
+        from ..gms import wiring
+        if self.progress:
+            self.progress("quiesce", 0, 1)
+        self.gms = wiring.before_checkpoint(self.pids)
+        if self.gms is not None:
+            self.timings.update(wiring.flat_timings(self.gms.timings))
 
     def gpu_checkpoint(self) -> None:
         """Which processes of the tree use CUDA (the driver says): lock all, then checkpoint all."""
@@ -310,7 +323,7 @@ class _Checkpoint:
         _check_interrupt(self.sigstate, "dump")
         if self.leave_running:
             # The images are complete in staging: the worker goes back to work while they are persisted.
-            self.resumer = _Resumer(self.resume, self.cuda_tree, self.t_freeze)
+            self.resumer = _Resumer(self.resume, self.cuda_tree, self.t_freeze, self.gms)
 
     def persist(self) -> None:
         """Stream the images to the target file system with checksums (C engine)."""
@@ -334,6 +347,8 @@ class _Checkpoint:
             "io_engine": self.engine_used, "dump_staging": self.dump_where, "cuda": self.gpu or None,
             "timings": self.timings, "compat": self.compat,
         }
+        if self.gms is not None:
+            manifest["gms"] = self.gms.manifest
         for key, value in (self.extra_manifest or {}).items():
             if key in manifest or key == mf.ROOT_KEY:
                 raise InvalidArgument(f"extra_manifest may not override {key!r}", stage="preflight")
@@ -355,7 +370,7 @@ class _Checkpoint:
         if self.resumer is not None:
             self.resumer.wait(raise_errors=False)
         if not self.committed:
-            _rollback(self.resume, self.frozen, self.cuda_tree)
+            _rollback(self.resume, self.frozen, self.cuda_tree, self.gms)
             shutil.rmtree(self.staging, ignore_errors=True)
 
     def clean_up(self) -> None:
@@ -415,11 +430,11 @@ def _keep_log(e: CriuError) -> None:
 class _Resumer:
     """Puts a frozen source tree back to work (SIGCONT, then CUDA restore + unlock) in a background thread."""
 
-    def __init__(self, pids: list[int], cuda_tree, t_freeze: float):
+    def __init__(self, pids: list[int], cuda_tree, t_freeze: float, gms: Any = None):
         import threading
         self.timings: dict[str, float] = {}
         self.error: Optional[BaseException] = None
-        self._pids, self._cuda, self._t_freeze = pids, cuda_tree, t_freeze
+        self._pids, self._cuda, self._t_freeze, self._gms = pids, cuda_tree, t_freeze, gms
         self._thread = threading.Thread(target=self._run, name="dynsnap-resume", daemon=True)
         self._thread.start()
 
@@ -432,6 +447,10 @@ class _Resumer:
                 self._cuda.unlock_all()
                 self.timings["resume_gpu_restore"] = self._cuda.timings.get("gpu_restore", 0.0)
                 self.timings["resume_unlock"] = self._cuda.timings.get("unlock", 0.0)
+            if self._gms is not None:       # the agents map their regions back, then serve again
+                from ..gms import wiring
+                wiring.after_checkpoint(self._gms, kept_running=True)
+                self.timings.update(wiring.flat_timings(self._gms.timings))
         except BaseException as e:  # noqa: BLE001 - reported by wait()
             self.error = e
         end = time.perf_counter()
@@ -446,12 +465,20 @@ class _Resumer:
             raise self.error
 
 
-def _rollback(pids: list[int], frozen: bool, cuda_tree) -> None:
-    """Put the source tree back to running: continue it if we froze it, then CUDA restore + unlock."""
+def _rollback(pids: list[int], frozen: bool, cuda_tree, gms: Any = None) -> None:
+    """Put the source tree back to running: continue it if we froze it, then CUDA restore + unlock, then the
+    quiesced agents map their regions back."""
     if frozen:
         proc.kill_tree(pids, signal.SIGCONT)
     if cuda_tree is not None:
         cuda_tree.rollback()
+    if gms is not None:
+        from ..gms import wiring
+        from ..gms.agent_client import AgentError
+        try:
+            wiring.after_checkpoint(gms, kept_running=True)
+        except AgentError:
+            pass                # the checkpoint's own error is the one to report; the agent logs its own
 
 
 def _persist(dump_dir: Path, dump_where: str, staging: Path, engine: str, progress: Progress,

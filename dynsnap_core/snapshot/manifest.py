@@ -155,6 +155,11 @@ _OPTIONAL: dict[str, tuple[Callable[[Any], bool], str]] = {
         v.get("regions"), list) and all(isinstance(r, dict) and isinstance(r.get("name"), str) and isinstance(
             r.get("digest"), str) and _is_int(r.get("size")) for r in v["regions"]),
         "an object with 'store' and 'regions' [{name, digest, size}]"),
+    "gms": (lambda v: isinstance(v, dict) and isinstance(v.get("agents"), list) and all(
+        isinstance(a, dict) and isinstance(a.get("agent"), str) and isinstance(a.get("weight_sets", []), list)
+        and all(isinstance(w, dict) and isinstance(w.get("set"), str) and isinstance(w.get("layout_hash"), str)
+                for w in a.get("weight_sets", [])) for a in v["agents"]),
+        "an object with 'agents' [{agent, weight_sets: [{set, layout_hash, ...}]}]"),
     **{k: (lambda v: isinstance(v, str), "a string")
        for k in ("dynsnap_version", "criu_version", "kernel", "host", "arch", "io_engine", "dump_staging")},
 }

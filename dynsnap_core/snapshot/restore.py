@@ -196,6 +196,10 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
     _require_compatible(snap)       # every fact the snapshot needs, before anything is touched
     criu = find_criu()
     _check_devices(m)
+    # A worker whose GPU regions live in the GPU memory service: its weight sets are made resident (and their
+    # layout hashes checked) by the service in a thread while the images are verified and CRIU restores.
+    from ..gms import wiring
+    gms_prep = wiring.before_restore(m["gms"]) if m.get("gms") else None
     sv.check_closed(snap.path, m)
     crit_timeout, log_limit = run_limits(m["total_bytes"])
     pid = m["root_pid"]
@@ -233,6 +237,7 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
     if m.get("mount_namespace"):
         # a fresh mount namespace over the node's root, with the node's mounts bound in by path
         args += ["--root", "/", *CRIU_MNTNS_ARGS]
+    renamed: dict[bytes, bytes] = {}
     if m.get("pid_namespace"):
         # a copy beside a running one: abstract socket names it holds (the CUDA driver binds one) are taken
         try:
@@ -323,6 +328,11 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
                 ctree.restore_all(device_map=device_map)
                 ctree.unlock_all()
                 timings.update(ctree.timings)
+            if gms_prep is not None:
+                # the weight sets are resident (loaded beside CRIU's restore): the agents map them back and serve
+                if progress:
+                    progress("resume", 0, 1)
+                timings.update(wiring.flat_timings(wiring.after_restore(m["gms"], gms_prep, renamed)))
             check()
             run.release()
     except BaseException:
