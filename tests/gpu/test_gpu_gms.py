@@ -26,7 +26,7 @@ torch = pytest.importorskip("torch")
 from gpu_harness import ROOT, alive, reap, subreaper  # noqa: E402
 
 from dynsnap_core import weights as W  # noqa: E402
-from dynsnap_core.gms import agent_client as AC, protocol as P, regions, vmm, wiring  # noqa: E402
+from dynsnap_core.gms import agent_client as AC, protocol as P, regions, vmm  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(900)]
 
@@ -502,29 +502,23 @@ def test_snapshot_round_trip_keeps_weights_and_kv_out_of_the_image(service, work
     p0 = w.ask("ptrs")
     assert h0 == big["sha"]
     w.ask("kv_write")
-    # the calls dynsnap checkpoint/restore make (dynsnap_core.gms.wiring), around the public API
-    q = wiring.before_checkpoint([w.pid])
-    assert q is not None and q.names == [w.info["agent"]]
-    entry = q.manifest["agents"][0]
-    assert entry["weight_sets"][0]["layout_hash"] == w.info["layout_hash"] and entry["service_sockets"] == [svc.sock]
-    assert entry["weight_sets"][0]["service"] == svc.sock and entry["weight_sets"][0]["set"] == "big"
-    _wait(lambda: svc.status()["sets"][0]["holders"] == [], what="the quiesced worker to let go")
+    # dynsnap checkpoint quiesces the worker through its agent (regions released, the manifest names the set)
     t0 = time.perf_counter()
     snap = dynsnap_core.checkpoint(w.pid, str(tmp_path / "snap"), leave_running=False)
     t_ckpt = time.perf_counter() - t0
-    wiring.after_checkpoint(q, kept_running=False)
+    entry = snap.manifest["gms"]["agents"][0]
+    assert entry["agent"] == w.info["agent"]
+    assert entry["weight_sets"][0]["layout_hash"] == w.info["layout_hash"] and entry["service_sockets"] == [svc.sock]
+    assert entry["weight_sets"][0]["service"] == svc.sock and entry["weight_sets"][0]["set"] == "big"
+    assert svc.status()["sets"][0]["holders"] == []           # the quiesced worker let go of the set
     image = snap.total_bytes
     w.kill()
     r = None
     try:
         t0 = time.perf_counter()
-        pre = wiring.before_restore(q.manifest)        # weight sets made resident beside CRIU's restore
-        r = dynsnap_core.restore(str(tmp_path / "snap"))
-        t_criu = time.perf_counter() - t0
-        tr = wiring.after_restore(q.manifest, pre, {})
+        r = dynsnap_core.restore(str(tmp_path / "snap"))     # sets made resident beside CRIU, agent resumed
         t_rest = time.perf_counter() - t0
-        assert r.pid == w.pid and tr["gms_agents"] == q.names
-        assert tr["gms_sets"]["big"]["layout_hash"] == w.info["layout_hash"]
+        assert r.pid == w.pid and r.timings["gms_resume"] >= 0
         assert w.ask("ptrs") == p0                     # same addresses
         assert w.ask("hash")["sha256"] == h0
         assert w.ask("matmul") == m0
@@ -532,8 +526,7 @@ def test_snapshot_round_trip_keeps_weights_and_kv_out_of_the_image(service, work
         assert w.ask("kv_check")["same"] is True        # is there, at its address, and writable
         assert image < big["bytes"] / 2, (image, big["bytes"])
         say("snapshot round trip", weights_bytes=big["bytes"], image_bytes=image, checkpoint_s=round(t_ckpt, 2),
-            checkpoint_timings=snap.manifest.get("timings"), quiesce=q.timings, restore_s=round(t_criu, 2),
-            restore_timings=r.timings, restore_to_resumed_s=round(t_rest, 2), resume=tr)
+            checkpoint_timings=snap.manifest.get("timings"), restore_s=round(t_rest, 2), restore_timings=r.timings)
     finally:
         if r is not None:
             r.kill()
