@@ -1,12 +1,14 @@
 """End-to-end benchmark: a warmed LLM worker, from `restore` to its first correct answer, stock tools vs dynsnap.
 
-One run measures, for the reference worker (dynsnap_core/e2e_worker.py: Qwen3 architecture, random weights
+One run measures, for the reference worker (dynsnap_core/demo/llm_worker.py: Qwen3 architecture, random weights
 from a local safetensors file, an engine-sized KV pool):
 - cold start: process start -> first token (imports, weights, warm-up generation);
 - the stock path: CRIU's CLI (`criu dump` / `criu restore -d`) plus the driver's checkpoint API called directly,
   on a worker started with setsid; with the KV pool kept, and freed through the worker's quiesce hook;
-- dynsnap: `checkpoint` / `restore` (durable, checksummed) of a worker started by `dynsnap run`, plain and with
-  the KV pool released;
+- dynsnap: `checkpoint` / `restore` (durable, checksummed) of a worker started by `dynsnap run`, plain, with
+  the KV pool released, and (GPU) with its weights mapped from the GPU memory service and its KV pool in a
+  releasable region, quiesced and resumed by dynsnap through the worker's agent (a cold row also evicts the
+  weights from the service, so the restore loads them from the weight store);
 each restored with the page cache warm and, as root, cold (drop_caches). Every row records checkpoint time,
 image size, the restore's phases and restore -> first token, and compares the greedy tokens with those of the
 cold-started worker. ``dynsnap bench e2e --model qwen3-0.6b [--json] [--plot FILE]``; on a machine without a
@@ -40,7 +42,10 @@ ROWS = [("stock criu + driver, KV kept", "setsid", False, "stock"),
         ("stock criu + driver, KV freed", "setsid", True, "stock"),
         ("dynsnap, KV kept", "run", False, "dynsnap"),
         ("dynsnap, KV released", "run", True, "dynsnap"),
-        ("dynsnap, KV released, --thp", "run", True, "dynsnap-thp")]
+        ("dynsnap, KV released, --thp", "run", True, "dynsnap-thp"),
+        # the worker maps its weights from the GPU memory service and keeps its KV pool in a releasable region;
+        # dynsnap checkpoint/restore quiesce and resume it through its agent (no request from the bench)
+        ("dynsnap, GPU memory service", "run", True, "dynsnap-gms")]
 
 
 def _request(sock: str, req: dict, timeout: float = 600) -> dict:
@@ -72,27 +77,69 @@ class _Run:
         self.rows_seen: list[dict] = []
         self.popens: list[subprocess.Popen] = []
         self.n = 0
+        self.gms: Optional[subprocess.Popen] = None       # the GPU memory service, started for the gms row
+        self.gms_sock = os.path.join(work, "gms.sock")
+        self.gms_store = os.path.join(weights_dir, "store")
 
-    def worker_cmd(self, sock: str, ready: str) -> list[str]:
+    def start_gms(self) -> None:
+        """`dynsnap gms serve` for this run (weights from the bench's weight store), once."""
+        if self.gms is not None:
+            return
+        from ..gms.protocol import Client, GmsError
+        logp = os.path.join(self.work, "gms.log")
+        cmd = [sys.executable, "-m", "dynsnap_core.cli", "gms", "serve", "--socket", self.gms_sock, "--device",
+               self.device.split(":")[1] if ":" in self.device else "0", "--store", self.gms_store]
+        with open(logp, "ab") as log:
+            self.gms = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+        end = time.monotonic() + 120
+        while True:
+            try:
+                with Client(self.gms_sock, timeout=10) as c:
+                    c.request("ping")
+                return
+            except (OSError, GmsError):
+                if self.gms.poll() is not None or time.monotonic() > end:
+                    with open(logp, errors="replace") as fh:
+                        raise DynsnapError(f"the GPU memory service did not start: {fh.read()[-2000:]}",
+                                           stage="bench") from None
+                time.sleep(0.05)
+
+    def gms_evict_all(self) -> None:
+        """Nothing resident in the service (a cold row: the restore loads the weight set from the store)."""
+        from ..gms.protocol import Client, GmsError
+        end = time.monotonic() + 30
+        with Client(self.gms_sock, timeout=60) as c:
+            for x in c.status().get("sets", []):
+                while True:
+                    try:
+                        c.request("evict", set=x["set"])
+                        break
+                    except GmsError as e:      # the killed worker's hold drops when the service sees it go
+                        if e.code != "held" or time.monotonic() > end:
+                            raise
+                        time.sleep(0.05)
+
+    def worker_cmd(self, sock: str, ready: str, gms: bool = False) -> list[str]:
         return [sys.executable, "-m", "dynsnap_core.demo.llm_worker", "--model", self.model, "--weights",
                 self.weights_dir, "--sock", sock, "--ready", ready, "--device", self.device, "--kv-gb",
-                str(self.kv_gb), "--max-new", str(self.max_new)]
+                str(self.kv_gb), "--max-new", str(self.max_new),
+                *(["--gms", self.gms_sock, "--weights-store", self.gms_store] if gms else [])]
 
-    def start(self, how: str) -> tuple[int, str, dict, float]:
+    def start(self, how: str, gms: bool = False) -> tuple[int, str, dict, float]:
         """Start a worker; (pid to checkpoint, socket, its ready report, seconds from start to first token)."""
         self.n += 1
         d = os.path.join(self.work, f"w{self.n}")
         os.makedirs(d)
         sock, ready, log = os.path.join(d, "sock"), os.path.join(d, "ready"), os.path.join(d, "log")
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(__file__)),
-                                                            os.environ.get("PYTHONPATH", "")])}
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # above dynsnap_core/
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
         t0 = time.perf_counter()
         if how == "run":
             from ..launch import launch
-            pid = launch(self.worker_cmd(sock, ready), log=log, cwd=d, env=env)
+            pid = launch(self.worker_cmd(sock, ready, gms), log=log, cwd=d, env=env)
         else:
             with open(log, "ab") as lf:
-                p = subprocess.Popen(self.worker_cmd(sock, ready), stdin=subprocess.DEVNULL, stdout=lf, stderr=lf,
+                p = subprocess.Popen(self.worker_cmd(sock, ready, gms), stdin=subprocess.DEVNULL, stdout=lf, stderr=lf,
                                      cwd=d, env=env, start_new_session=True)
             pid = p.pid
             self.popens.append(p)
@@ -123,6 +170,13 @@ class _Run:
         for pid in self.owned:
             if proc.exists(pid):
                 self.kill(pid)
+        if self.gms is not None and self.gms.poll() is None:
+            self.gms.terminate()
+            try:
+                self.gms.wait(30)
+            except subprocess.TimeoutExpired:
+                self.gms.kill()
+                self.gms.wait()
 
 
 def _stock_checkpoint(r: _Run, pid: int, images: str) -> dict:
@@ -165,11 +219,15 @@ def _stock_restore(r: _Run, images: str, cuda_pids: list[int], tag: str) -> tupl
 
 def _row(r: _Run, name: str, how: str, release: bool, tool: str, ref: list[int], caches: list[str]) -> list[dict]:
     from .. import snapshot
+    gms = tool == "dynsnap-gms"
+    if gms:
+        r.start_gms()
     r.say(f"{name}: starting a worker")
-    pid, sock, _info, _ = r.start(how)
+    pid, sock, _info, _ = r.start(how, gms)
     before = _request(sock, {"op": "memory"})
     t0 = time.perf_counter()
-    released = _request(sock, {"op": "quiesce"})["released_bytes"] if release else 0
+    # the gms worker is quiesced by dynsnap checkpoint itself, through its agent
+    released = _request(sock, {"op": "quiesce"})["released_bytes"] if release and not gms else 0
     t_quiesce = time.perf_counter() - t0
     r.say(f"{name}: checkpoint")
     where = os.path.join(r.work, f"snap-{r.n}")
@@ -189,6 +247,8 @@ def _row(r: _Run, name: str, how: str, release: bool, tool: str, ref: list[int],
             continue
         if cache == "warm":
             warm([where])     # dynsnap persists with O_DIRECT: its images are not in the page cache until read
+        elif gms:
+            r.gms_evict_all()  # cold: the weights are not resident either; the restore loads them from the store
         r.say(f"{name}: restore, page cache {cache}")
         t0 = time.perf_counter()
         if tool == "stock":
@@ -199,13 +259,13 @@ def _row(r: _Run, name: str, how: str, release: bool, tool: str, ref: list[int],
             r.owned.append(rpid)
         t_restore = time.perf_counter() - t0
         t1 = time.perf_counter()
-        if release:
+        if release and not gms:
             _request(sock, {"op": "resume"})
         t_resume = time.perf_counter() - t1
         t1 = time.perf_counter()
         rep = _request(sock, {"op": "generate", "tokens": _prompt(), "max_new": r.max_new})
         t_first = time.perf_counter() - t1
-        rows.append({"row": name, "cache": cache, "tool": tool.split("-")[0], "kv_released": release,
+        rows.append({"row": name, "cache": cache, "tool": tool.split("-")[0], "kv_released": release, "gms": gms,
                      "checkpoint_s": ck_s, "checkpoint_phases": ck_t, "image_bytes": image,
                      "released_bytes": released, "gpu_bytes_before": before.get("allocated", 0),
                      "restore_s": t_restore, "restore_phases": phases, "resume_s": t_resume,
@@ -263,6 +323,8 @@ def run(model: str = "qwen3-0.6b", device: str = "cuda:0", kv_gb: Optional[float
         for name, how, release, tool in ROWS:
             if rows and name not in rows:
                 continue
+            if tool == "dynsnap-gms" and not r.cuda:
+                continue                      # the GPU memory service holds GPU memory: no row on the CPU
             res["rows"] += _row(r, name, how, release, tool, ref, caches)
             r.rows_seen = res["rows"]
         res["limits"] = _limits(r, cold)

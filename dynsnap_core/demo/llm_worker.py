@@ -18,7 +18,7 @@ physical memory is freed, the addresses kept), resume maps them back at the same
 ``quiesce``/``resume`` are the hooks a checkpoint calls around the freeze: what need not travel in the snapshot
 (the KV pool, the allocator's cache) is released before, and put back after restore.
 
-    python3 -m dynsnap_core.e2e_worker --model qwen3-0.6b --weights DIR --sock PATH --ready FILE [--kv-gb 16]
+    python3 -m dynsnap_core.demo.llm_worker --model qwen3-0.6b --weights DIR --sock PATH --ready FILE [--kv-gb 16]
 """
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ class Worker:
         cfg = config_for(model)
         self.gms = gms
         if gms is not None:                         # (socket, set name, store): weights from the service
-            from .gms import worker as gw
+            from ..gms import worker as gw
             self.weights_region, m = gw.model_from_service(Qwen3ForCausalLM, cfg, gms[0], gw.ensure_set(
                 weights, gms[1], gms[2]), self.device.index or 0)
         else:
@@ -110,7 +110,7 @@ class Worker:
         self.model = m.eval()
         self.kv = None
         if gms is not None:
-            from .gms import worker as gw
+            from ..gms import worker as gw
             self.kv_region = gw.kv_pool(kv_bytes, self.device.index or 0) if kv_bytes else None
             self.kv = self.kv_region.tensor()[:kv_bytes] if self.kv_region is not None else None
             self.agent = gw.start_agent()
@@ -119,7 +119,7 @@ class Worker:
 
     def resume(self) -> int:
         if self.gms is not None:                    # regions come back at their addresses; self.kv stays valid
-            from .gms import agent
+            from ..gms import agent
             agent.default().resume()
             return self.kv_bytes
         if self.kv is None and self.kv_bytes:
@@ -128,7 +128,7 @@ class Worker:
 
     def quiesce(self) -> int:
         if self.gms is not None:                    # weights and KV pool released, addresses kept
-            from .gms import agent
+            from ..gms import agent
             agent.default().quiesce()
             return self.kv_bytes
         freed = 0
