@@ -23,7 +23,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from gpu_harness import ROOT, alive, reap, subreaper  # noqa: E402
+from gpu_harness import ROOT, alive, reap, report_fact, subreaper  # noqa: E402
 
 from dynsnap_core import weights as W  # noqa: E402
 from dynsnap_core.gms import agent_client as AC, protocol as P, regions, vmm  # noqa: E402
@@ -35,7 +35,9 @@ GiB = 1 << 30
 
 
 def say(what: str, **kw) -> None:
-    print(f"\n[gms] {what}: " + ", ".join(f"{k}={v}" for k, v in kw.items()), flush=True)
+    """A measured fact: printed, and in the run's summary (gpu-check.sh's $DYNSNAP_GPU_FACTS)."""
+    report_fact(f"gms: {what}", {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
+                                 for k, v in kw.items()})
 
 
 def _source_small() -> dict:
