@@ -205,6 +205,7 @@ class GmsWorker:
             reap(self.pid)
         except Exception:  # noqa: BLE001
             pass
+        self.proc.poll()        # reaped above (ECHILD): Popen records it and does not warn "still running"
 
 
 @pytest.fixture
