@@ -7,6 +7,8 @@ from libc.stdint cimport uint64_t
 from libc.stdlib cimport calloc, free
 from posix.uio cimport iovec
 
+from dynsnap_counters cimport add_counts
+from dynsnap_err cimport err_fields
 from dynsnap_io cimport *
 
 from dynsnap_core.errors import oserror
@@ -58,9 +60,7 @@ cdef class _Engine:
         cdef ds_io_counters c
         if self.e is not NULL:
             ds_io_engine_counters(self.e, &c)
-            for k, v in zip(_FIELDS, (c.rings_created, c.rings_freed, c.buffers_created, c.buffers_freed,
-                                      c.registered_created, c.registered_freed, c.fds_opened, c.fds_closed)):
-                _totals[k] += v
+            add_counts(_totals, c)
             ds_io_engine_destroy(self.e)
 
     @property
@@ -68,10 +68,8 @@ cdef class _Engine:
         return ds_io_backend_name(ds_io_engine_backend(self.e)).decode()
 
     cdef error(self, int rc):
-        op = ds_io_engine_errop(self.e).decode() or "io"
-        path = os.fsdecode(ds_io_engine_errpath(self.e)) or None
+        op, path, msg = err_fields(ds_io_engine_err(self.e), "io")
         exc = oserror(rc, op, path)
-        msg = ds_io_engine_errmsg(self.e).decode(errors="replace")
         if msg:
             exc.strerror = msg
         return exc

@@ -6,6 +6,8 @@ from cpython.buffer cimport PyBUF_ANY_CONTIGUOUS, PyBUF_WRITABLE, PyBuffer_Relea
 from libc.stdint cimport uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free
 
+from dynsnap_counters cimport add_counts
+from dynsnap_err cimport err_fields
 from dynsnap_memfd cimport *
 
 from dynsnap_core.errors import oserror
@@ -52,9 +54,7 @@ cdef class _Ctx:
         cdef ds_memfd_counters k
         if self.c is not NULL:
             ds_memfd_ctx_counters(self.c, &k)
-            for name, v in zip(_FIELDS, (k.memfds_created, k.memfds_closed, k.maps_created, k.maps_freed,
-                                         k.fds_opened, k.fds_closed, k.threads_started, k.threads_joined)):
-                _totals[name] += v
+            add_counts(_totals, k)
             ds_memfd_ctx_destroy(self.c)
 
     @property
@@ -62,13 +62,11 @@ cdef class _Ctx:
         return ds_memfd_ctx_threads(self.c)
 
     cdef error(self, int rc):
-        op = ds_memfd_ctx_errop(self.c).decode() or "memfd"
-        path = os.fsdecode(ds_memfd_ctx_errpath(self.c)) or None
+        op, path, msg = err_fields(ds_memfd_ctx_err(self.c), "memfd")
         base = oserror(rc, op, path)
         exc = MemfdCError(base.errno, base.strerror)
         exc.filename = path
         exc.op = op
-        msg = ds_memfd_ctx_errmsg(self.c).decode(errors="replace")
         if msg:
             exc.strerror = msg
         return exc

@@ -2,6 +2,8 @@
 from libc.stdint cimport uint64_t
 from posix.uio cimport iovec
 
+from dynsnap_err cimport ds_err
+
 cdef extern from "dynsnap/io.h" nogil:
     enum:
         DS_IO_AUTO
@@ -40,9 +42,7 @@ cdef extern from "dynsnap/io.h" nogil:
 
     int ds_io_engine_create(ds_io_engine **out, const ds_io_config *cfg)
     void ds_io_engine_destroy(ds_io_engine *e)
-    const char *ds_io_engine_errmsg(const ds_io_engine *e)
-    const char *ds_io_engine_errop(const ds_io_engine *e)
-    const char *ds_io_engine_errpath(const ds_io_engine *e)
+    const ds_err *ds_io_engine_err(const ds_io_engine *e)
     int ds_io_engine_backend(const ds_io_engine *e)
     void ds_io_engine_counters(const ds_io_engine *e, ds_io_counters *out)
     int ds_io_backend_probe(int backend)

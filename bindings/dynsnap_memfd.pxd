@@ -1,6 +1,8 @@
 # Cython declarations mirroring csrc/include/dynsnap/memfd.h (all nogil).
 from libc.stdint cimport uint64_t
 
+from dynsnap_err cimport ds_err
+
 cdef extern from "dynsnap/memfd.h" nogil:
     enum:
         DS_MEMFD_DEFAULT_CHUNK
@@ -46,9 +48,7 @@ cdef extern from "dynsnap/memfd.h" nogil:
 
     int ds_memfd_ctx_create(ds_memfd_ctx **out, const ds_memfd_config *cfg)
     void ds_memfd_ctx_destroy(ds_memfd_ctx *c)
-    const char *ds_memfd_ctx_errmsg(const ds_memfd_ctx *c)
-    const char *ds_memfd_ctx_errop(const ds_memfd_ctx *c)
-    const char *ds_memfd_ctx_errpath(const ds_memfd_ctx *c)
+    const ds_err *ds_memfd_ctx_err(const ds_memfd_ctx *c)
     void ds_memfd_ctx_counters(const ds_memfd_ctx *c, ds_memfd_counters *out)
     unsigned ds_memfd_ctx_threads(const ds_memfd_ctx *c)
     int ds_memfd_create(ds_memfd_ctx *c, const char *name, uint64_t size, int *fd, uint64_t *map_size)

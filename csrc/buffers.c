@@ -33,7 +33,7 @@ static int xfer_init(struct xfer *x, struct ds_io_engine *e, const char *path, i
 	x->path = path;
 	x->op = op;
 	x->fd = -1;
-	e->err.msg[0] = e->err.op[0] = e->err.path[0] = 0;
+	__ds_err_clear(&e->err);
 	x->reqs = calloc(qd, sizeof(*x->reqs));
 	x->freel = calloc(qd, sizeof(*x->freel));
 	x->cqes = calloc(qd, sizeof(*x->cqes));

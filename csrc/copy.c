@@ -445,24 +445,15 @@ static int copy_or_hash(struct ds_io_engine *e, size_t n, const char *const *src
 			const char *const *dst, struct ds_io_file_result *res, int hash_only,
 			ds_io_progress_fn progress, void *arg)
 {
-	struct copy c;
+	struct copy c = {       /* every member not named here starts zero */
+		.e = e, .n = n, .src = src, .dst = dst, .res = res,
+		.hash_only = hash_only, .checksum = e->cfg.checksum || hash_only, .direct = e->cfg.direct,
+		.bs = e->cfg.block_size, .qd = e->cfg.queue_depth, .cur = -1,
+		.progress = progress, .progress_arg = arg,
+	};
 	int ret;
 
-	memset(&c, 0, sizeof(c));
-	e->err.msg[0] = e->err.op[0] = e->err.path[0] = 0;
-	c.e = e;
-	c.n = n;
-	c.src = src;
-	c.dst = dst;
-	c.res = res;
-	c.hash_only = hash_only;
-	c.checksum = e->cfg.checksum || hash_only;
-	c.direct = e->cfg.direct;
-	c.bs = e->cfg.block_size;
-	c.qd = e->cfg.queue_depth;
-	c.cur = -1;
-	c.progress = progress;
-	c.progress_arg = arg;
+	__ds_err_clear(&e->err);
 	memset(res, 0, n * sizeof(*res));
 	ret = run(&c);
 	cleanup(&c, ret != 0);

@@ -42,9 +42,7 @@ void ds_io_engine_destroy(struct ds_io_engine *e)
 	free(e);
 }
 
-const char *ds_io_engine_errmsg(const struct ds_io_engine *e) { return e->err.msg; }
-const char *ds_io_engine_errop(const struct ds_io_engine *e) { return e->err.op; }
-const char *ds_io_engine_errpath(const struct ds_io_engine *e) { return e->err.path; }
+const struct ds_err *ds_io_engine_err(const struct ds_io_engine *e) { return &e->err; }
 int ds_io_engine_backend(const struct ds_io_engine *e) { return e->backend_used; }
 
 void ds_io_engine_counters(const struct ds_io_engine *e, struct ds_io_counters *out)

@@ -13,7 +13,7 @@ struct ds_io_engine {
 	struct ds_io_config cfg;
 	int backend_used;
 	struct ds_io_counters cnt;
-	struct __ds_err err;   /* first failure: op, path, message */
+	struct ds_err err;      /* first failure: op, path, message */
 };
 
 /* One completed request: tag as given to __ds_backend_prep, res = bytes or -errno. */

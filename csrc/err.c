@@ -4,7 +4,7 @@
 #include <stdio.h>
 #include <string.h>
 
-int __ds_err_vset(struct __ds_err *r, int err, const char *op, const char *path, const char *fmt, va_list ap)
+int __ds_err_vset(struct ds_err *r, int err, const char *op, const char *path, const char *fmt, va_list ap)
 {
 	char buf[256], detail[256];
 	const char *text;
@@ -21,3 +21,12 @@ int __ds_err_vset(struct __ds_err *r, int err, const char *op, const char *path,
 		 detail[0] ? detail : text, detail[0] ? " - " : "", detail[0] ? text : "");
 	return err;
 }
+
+void __ds_err_clear(struct ds_err *r)
+{
+	r->msg[0] = r->op[0] = r->path[0] = 0;
+}
+
+const char *ds_err_msg(const struct ds_err *r) { return r->msg; }
+const char *ds_err_op(const struct ds_err *r) { return r->op; }
+const char *ds_err_path(const struct ds_err *r) { return r->path; }

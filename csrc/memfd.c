@@ -38,7 +38,7 @@ struct ds_memfd_ctx {
 	struct ds_memfd_config cfg;
 	struct ds_memfd_counters cnt;
 	pthread_mutex_t lock;        /* guards the error fields (threads report failures) */
-	struct __ds_err err;   /* first failure: op, path, message (under lock) */
+	struct ds_err err;            /* first failure: op, path, message (under lock) */
 };
 
 enum { __DS_FILL, __DS_DUMP, __DS_HASH, __DS_COPY };
@@ -134,9 +134,7 @@ void ds_memfd_ctx_destroy(struct ds_memfd_ctx *c)
 	free(c);
 }
 
-const char *ds_memfd_ctx_errmsg(const struct ds_memfd_ctx *c) { return c->err.msg; }
-const char *ds_memfd_ctx_errop(const struct ds_memfd_ctx *c) { return c->err.op; }
-const char *ds_memfd_ctx_errpath(const struct ds_memfd_ctx *c) { return c->err.path; }
+const struct ds_err *ds_memfd_ctx_err(const struct ds_memfd_ctx *c) { return &c->err; }
 unsigned ds_memfd_ctx_threads(const struct ds_memfd_ctx *c) { return c->cfg.threads; }
 
 void ds_memfd_ctx_counters(const struct ds_memfd_ctx *c, struct ds_memfd_counters *out)

@@ -11,7 +11,7 @@ import time
 from typing import Any, Callable, Iterable, Optional
 
 from dynsnap_core import config, io
-from dynsnap_core.bench.util import cpu_time, drop_caches, fmt_opt
+from dynsnap_core.bench.util import cpu_time, drop_caches, fmt_opt, md_table
 from dynsnap_core.durable import fsync_path
 
 __all__ = ["run", "sweep", "format_table", "find_fio"]
@@ -310,22 +310,20 @@ def format_table(result: dict) -> str:
     lines = [f"{result['date']}: {m['cpu_count']} CPUs, Linux {m['kernel']}, {m['fs_type']} at {m['dir']}; "
              f"{c['size_mb']} MiB, {c['block_kb']} KiB blocks, QD {c['queue_depth']}, "
              f"{'cold cache' if c['cold'] else 'warm cache'}",
-             "",
-             "| op | tool | engine | GB/s | vs fio | vs baseline | CPU s/GB | note |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        lines.append(f"| {r['op']} | {r['tool']} | {r['engine']} | {r['gbps']:.2f} | {fmt_opt(r['ratio_fio'])} | "
-                     f"{fmt_opt(r['ratio_baseline'])} | {r['cpu_s_per_gb']:.2f} | {r['note']} |")
+             ""]
+    lines += md_table(("op", "tool", "engine", "GB/s", "vs fio", "vs baseline", "CPU s/GB", "note"),
+                      ((r["op"], r["tool"], r["engine"], f"{r['gbps']:.2f}", fmt_opt(r["ratio_fio"]),
+                        fmt_opt(r["ratio_baseline"]), f"{r['cpu_s_per_gb']:.2f}", r["note"]) for r in result["rows"]))
     lines += [f"- {n}" for n in result["notes"]]
     sw = result.get("sweep")
     if sw:
         qds = sorted({c["qd"] for c in sw["cells"]})
         lines += ["", f"sweep ({sw['engine']}, {sw['size_mb']} MiB, O_DIRECT, cold): GB/s write / read "
-                  "(write_buffers / hash_file)", "",
-                  "| block \\ QD | " + " | ".join(str(q) for q in qds) + " |",
-                  "|---|" + "---|" * len(qds)]
+                  "(write_buffers / hash_file)", ""]
+        rows = []
         for bk in sorted({c["block_kb"] for c in sw["cells"]}):
             cell = {c["qd"]: c for c in sw["cells"] if c["block_kb"] == bk}
-            lines.append(f"| {bk // 1024} MiB | " + " | ".join(
-                f"{cell[q]['write_gbps']:.2f} / {cell[q]['read_gbps']:.2f}" if q in cell else "" for q in qds) + " |")
+            rows.append([f"{bk // 1024} MiB"] + [f"{cell[q]['write_gbps']:.2f} / {cell[q]['read_gbps']:.2f}"
+                                                 if q in cell else "" for q in qds])
+        lines += md_table(["block \\ QD"] + [str(q) for q in qds], rows)
     return "\n".join(lines)

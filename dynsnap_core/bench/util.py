@@ -1,11 +1,12 @@
-"""Helpers the benchmarks share: dropping and warming the page cache, CPU time, an optional figure in a table."""
+"""Helpers the benchmarks share: dropping and warming the page cache, CPU time, and the tables they print
+(Markdown rows and tables, aligned plain-text rows, an optional figure in a cell)."""
 from __future__ import annotations
 
 import os
 import resource
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
-__all__ = ["drop_caches", "warm", "cpu_time", "fmt_opt"]
+__all__ = ["drop_caches", "warm", "cpu_time", "fmt_opt", "md_row", "md_table", "text_row"]
 
 
 def drop_caches() -> bool:
@@ -43,3 +44,19 @@ def cpu_time(children: bool = False) -> float:
 def fmt_opt(v: Optional[float]) -> str:
     """A figure to two decimals, or an empty cell for None."""
     return "" if v is None else f"{v:.2f}"
+
+
+def md_row(cells: Iterable[object]) -> str:
+    """One Markdown table row, ``| a | b |`` (an empty cell reads ``|  |``)."""
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def md_table(header: Sequence[str], rows: Iterable[Iterable[object]] = ()) -> list[str]:
+    """The lines of a Markdown table: the header, the rule under it, then one line per row of cells."""
+    return [md_row(header), "|---" * len(header) + "|"] + [md_row(r) for r in rows]
+
+
+def text_row(cells: Iterable[object], specs: Sequence[str]) -> str:
+    """One row of a plain-text table: each cell formatted with its column's spec (``">7"``, ``"<30"``), space
+    separated; a row with fewer cells than columns stops after its last cell."""
+    return " ".join(format(c, spec) for c, spec in zip(cells, specs))

@@ -23,7 +23,7 @@ import shutil
 import time
 from typing import Any, Callable, Optional, Sequence
 
-from .util import cpu_time, drop_caches, warm
+from .util import cpu_time, drop_caches, md_row, md_table, text_row, warm
 from ..errors import DynsnapError
 
 __all__ = ["run", "format_table", "format_markdown", "targets", "model_shapes"]
@@ -264,11 +264,22 @@ def _ratios(res: dict) -> None:
         r["pct_of_limit"] = 100 * r["gbps"] / limit if limit else None
 
 
-def _cells(r: dict, no: str) -> tuple[str, str, str]:
-    """A row's ratio to safetensors, share of the limit and bit-exactness, as printed."""
+# The plain-text table's columns: heading and format spec of each (the Markdown table has the same columns).
+_TEXT_COLUMNS = (("size", ">6"), ("cache", "<5"), ("method", "<30"), ("s", ">7"), ("GB/s", ">7"), ("x sft", ">6"),
+                 ("%limit", ">7"), ("cpu s", ">6"), ("ok", ""))
+_TEXT_SPECS = [spec for _, spec in _TEXT_COLUMNS]
+
+
+def _cells(r: dict, no: str, cut: int) -> list[str]:
+    """A row's cells as printed: size, cache, method, then seconds, GB/s, ratio to safetensors, share of the limit,
+    CPU seconds and bit-exactness (``no`` when it is not); a failed run has its error instead, cut to ``cut``."""
+    head = [str(r["size_gb"]), r["cache"], r["method"]]
+    if "error" in r:
+        return head + [f"FAILED: {r['error'][:cut]}"]
     x = f"{r['x_safetensors']:.2f}" if r.get("x_safetensors") else "-"
     p = f"{r['pct_of_limit']:.0f}%" if r.get("pct_of_limit") else "-"
-    return x, p, {True: "yes", False: no, None: "-"}[r["bit_exact"]]
+    return head + [f"{r['seconds']:.2f}", f"{r['gbps']:.2f}", x, p, f"{r['cpu_seconds']:.1f}",
+                   {True: "yes", False: no, None: "-"}[r["bit_exact"]]]
 
 
 def format_table(res: dict) -> str:
@@ -280,14 +291,8 @@ def format_table(res: dict) -> str:
                  res["config"]["threads"],
                  f"{lim['pagecache_gbps']:.2f} GB/s" if lim.get("pagecache_gbps") else "not measured"),
              "== table ==",
-             f"{'size':>6} {'cache':<5} {'method':<30} {'s':>7} {'GB/s':>7} {'x sft':>6} {'%limit':>7} {'cpu s':>6} ok"]
-    for r in res["rows"]:
-        if "error" in r:
-            lines.append(f"{r['size_gb']:>6} {r['cache']:<5} {r['method']:<30} FAILED: {r['error'][:80]}")
-            continue
-        x, p, ok = _cells(r, "NO")
-        lines.append(f"{r['size_gb']:>6} {r['cache']:<5} {r['method']:<30} {r['seconds']:7.2f} {r['gbps']:7.2f} "
-                     f"{x:>6} {p:>7} {r['cpu_seconds']:6.1f} {ok}")
+             text_row([head for head, _ in _TEXT_COLUMNS], _TEXT_SPECS)]
+    lines += [text_row(_cells(r, "NO", 80), _TEXT_SPECS) for r in res["rows"]]
     for s in res.get("save", []):
         lines.append(f"save {s['size_gb']} GB into the store: {s['seconds']:.1f} s ({s['gbps']:.2f} GB/s, "
                      f"{s['shards']} shards)")
@@ -331,18 +336,12 @@ def format_markdown(res: dict) -> str:
                  lim.get("h2d_pinned_gbps", 0), res["config"]["threads"],
                  f"{lim['pagecache_gbps']:.2f} GB/s" if lim.get("pagecache_gbps") else "not measured",
                  f"{lim['disk_odirect_gbps']:.2f} GB/s" if lim.get("disk_odirect_gbps") else "not measured"),
-             "",
-             "| size GB | cache | method | s | GB/s | x safetensors | % of limit | CPU s | bit-exact |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in res["rows"]:
-        if "error" in r:
-            lines.append(f"| {r['size_gb']} | {r['cache']} | {r['method']} | FAILED: {r['error'][:100]} | | | | | |")
-            continue
-        x, p, ok = _cells(r, "**NO**")
-        lines.append(f"| {r['size_gb']} | {r['cache']} | {r['method']} | {r['seconds']:.2f} | {r['gbps']:.2f} | {x} | "
-                     f"{p} | {r['cpu_seconds']:.1f} | {ok} |")
+             ""]
+    lines += md_table(("size GB", "cache", "method", "s", "GB/s", "x safetensors", "% of limit", "CPU s", "bit-exact"))
+    # a failed run's row leaves the measured cells empty
+    lines += [md_row(_cells(r, "**NO**", 100)) + (" | | | | |" if "error" in r else "") for r in res["rows"]]
     t = targets(res)
     if t:
-        lines += ["", "| target | met | measured |", "|---|---|---|"]
-        lines += [f"| {what} | {'yes' if met else '**no**'} | {got} |" for what, met, got in t]
+        lines += [""] + md_table(("target", "met", "measured"), ((what, "yes" if met else "**no**", got)
+                                                                 for what, met, got in t))
     return "\n".join(lines)

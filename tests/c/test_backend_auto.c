@@ -13,7 +13,7 @@ int main(void)
 			want = b;
 	CHECK(ds_io_engine_create(&e, &cfg) == 0, "create");
 	CHECK(ds_io_engine_backend(e) == DS_IO_AUTO, "no backend before an operation");
-	CHECK(ds_io_hash_file(e, "/proc/self/exe", &res) == 0, "hash: %s", ds_io_engine_errmsg(e));
+	CHECK(ds_io_hash_file(e, "/proc/self/exe", &res) == 0, "hash: %s", ds_err_msg(ds_io_engine_err(e)));
 	CHECK(ds_io_engine_backend(e) == want, "auto chose %s, expected %s",
 	      ds_io_backend_name(ds_io_engine_backend(e)), ds_io_backend_name(want));
 	CHECK(t_counters_balanced(e), "counters");

@@ -28,7 +28,7 @@ int main(void)
 				{ data, sz / 3 }, { data + sz / 3, 0 }, { data + sz / 3, sz - sz / 3 } };
 
 			ret = ds_io_write_buffers(e, path, 3, iov, &res);
-			CHECK(ret == 0, "write_buffers: %s", ds_io_engine_errmsg(e));
+			CHECK(ret == 0, "write_buffers: %s", ds_err_msg(ds_io_engine_err(e)));
 			CHECK(res.size == sz && res.xxh3 == XXH3_64bits(data, sz), "result");
 			back = t_read_file(path, &n);
 			CHECK(n == sz && (!sz || !memcmp(back, data, sz)), "written content");
@@ -36,11 +36,11 @@ int main(void)
 			/* unaligned destination (page cache) and aligned one (O_DIRECT head + tail) */
 			back = malloc(sz + 1);
 			ret = ds_io_read_into(e, path, back + 1, sz, &got);
-			CHECK(ret == 0 && got == sz, "read_into: %s", ds_io_engine_errmsg(e));
+			CHECK(ret == 0 && got == sz, "read_into: %s", ds_err_msg(ds_io_engine_err(e)));
 			CHECK(!sz || !memcmp(back + 1, data, sz), "read_into content");
 			CHECK(posix_memalign((void **)&al, 4096, sz + 4096) == 0, "alloc");
 			ret = ds_io_read_into(e, path, al, sz, &got);
-			CHECK(ret == 0 && got == sz, "aligned read_into: %s", ds_io_engine_errmsg(e));
+			CHECK(ret == 0 && got == sz, "aligned read_into: %s", ds_err_msg(ds_io_engine_err(e)));
 			CHECK(!sz || !memcmp(al, data, sz), "aligned read_into content");
 			if (sz) {
 				ret = ds_io_read_into(e, path, al, sz - 1, &got);
@@ -62,7 +62,7 @@ int main(void)
 			iov[1] = (struct iovec){ data + 8192, cut1 - 8192 };	/* unaligned: staged */
 			iov[2] = (struct iovec){ al + cut1, sz - cut1 };	/* aligned memory, odd offset */
 			ret = ds_io_write_buffers(e, path, 3, iov, &res);
-			CHECK(ret == 0, "direct write_buffers: %s", ds_io_engine_errmsg(e));
+			CHECK(ret == 0, "direct write_buffers: %s", ds_err_msg(ds_io_engine_err(e)));
 			CHECK(res.size == sz && res.xxh3 == XXH3_64bits(data, sz), "direct result");
 			back = t_read_file(path, &n);
 			CHECK(n == sz && !memcmp(back, data, sz), "direct content");
@@ -71,7 +71,7 @@ int main(void)
 			iov[1] = (struct iovec){ al + cut2, sz - cut2 };	/* aligned, odd tail */
 			ret = ds_io_write_buffers(e, path, 2, iov, &res);
 			CHECK(ret == 0 && res.size == sz && res.xxh3 == XXH3_64bits(data, sz),
-			      "aligned write_buffers: %s", ds_io_engine_errmsg(e));
+			      "aligned write_buffers: %s", ds_err_msg(ds_io_engine_err(e)));
 			back = t_read_file(path, &n);
 			CHECK(n == sz && !memcmp(back, data, sz), "aligned content");
 			free(back);
@@ -79,7 +79,10 @@ int main(void)
 			free(data);
 		}
 		ret = ds_io_read_into(e, "/nonexistent/x", NULL, 0, &got);
-		CHECK(ret == -ENOENT && strstr(ds_io_engine_errmsg(e), "/nonexistent/x"), "missing file");
+		CHECK(ret == -ENOENT && strstr(ds_err_msg(ds_io_engine_err(e)), "/nonexistent/x"), "missing file");
+		CHECK(!strcmp(ds_err_op(ds_io_engine_err(e)), "open") &&
+		      !strcmp(ds_err_path(ds_io_engine_err(e)), "/nonexistent/x"), "op %s path %s",
+		      ds_err_op(ds_io_engine_err(e)), ds_err_path(ds_io_engine_err(e)));
 		CHECK(t_counters_balanced(e), "counters");
 		ds_io_engine_destroy(e);
 	}

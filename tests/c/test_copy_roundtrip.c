@@ -26,7 +26,7 @@ static int one(const char *dir, int backend, int direct, size_t bs, unsigned qd)
 		dp[i] = dst[i];
 	}
 	ret = ds_io_copy_files(e, NS, sp, dp, res, NULL, NULL);
-	CHECK(ret == 0, "copy (%s): %s", ds_io_backend_name(backend), ds_io_engine_errmsg(e));
+	CHECK(ret == 0, "copy (%s): %s", ds_io_backend_name(backend), ds_err_msg(ds_io_engine_err(e)));
 	CHECK(ds_io_engine_backend(e) == backend, "backend %d", ds_io_engine_backend(e));
 	for (i = 0; i < NS; i++) {
 		back = t_read_file(dst[i], &n);
@@ -34,7 +34,7 @@ static int one(const char *dir, int backend, int direct, size_t bs, unsigned qd)
 		CHECK(!sizes[i] || !memcmp(back, data[i], n), "content of %s", dst[i]);
 		CHECK(res[i].size == sizes[i], "result size");
 		CHECK(res[i].xxh3 == XXH3_64bits(data[i], sizes[i]), "xxh3 of %s", dst[i]);
-		CHECK(ds_io_hash_file(e, dst[i], &h) == 0, "hash: %s", ds_io_engine_errmsg(e));
+		CHECK(ds_io_hash_file(e, dst[i], &h) == 0, "hash: %s", ds_err_msg(ds_io_engine_err(e)));
 		CHECK(h.size == sizes[i] && h.xxh3 == res[i].xxh3, "hash_file of %s", dst[i]);
 		free(back);
 		free(data[i]);
@@ -46,7 +46,7 @@ static int one(const char *dir, int backend, int direct, size_t bs, unsigned qd)
 	CHECK(t_write_file(dst[0], "keep", 4) == 0, "write");
 	ret = ds_io_copy_files(e, 1, sp, dp, res, NULL, NULL);
 	CHECK(ret == -EEXIST, "dst exists: %d", ret);
-	CHECK(strstr(ds_io_engine_errmsg(e), dst[0]), "message names the file: %s", ds_io_engine_errmsg(e));
+	CHECK(strstr(ds_err_msg(ds_io_engine_err(e)), dst[0]), "message names the file: %s", ds_err_msg(ds_io_engine_err(e)));
 	back = t_read_file(dst[0], &n);
 	CHECK(back && n == 4, "existing file kept");
 	free(back);

@@ -38,17 +38,17 @@ int main(void)
 		if (ds_io_engine_create(&e, &cfg))
 			return T_FAIL;
 		ret = ds_io_copy_files(e, 1, sp, dp, &res, NULL, NULL);
-		if (ret != -ENOSPC || !strstr(ds_io_engine_errmsg(e), dst) || access(dst, F_OK) == 0) {
+		if (ret != -ENOSPC || !strstr(ds_err_msg(ds_io_engine_err(e)), dst) || access(dst, F_OK) == 0) {
 			fprintf(stderr, "copy %s: ret %d msg '%s' exists %d\n", ds_io_backend_name(b), ret,
-				ds_io_engine_errmsg(e), access(dst, F_OK) == 0);
+				ds_err_msg(ds_io_engine_err(e)), access(dst, F_OK) == 0);
 			failed = 1;
 		}
 		iov.iov_base = data;
 		iov.iov_len = 3u << 20;
 		ret = ds_io_write_buffers(e, dst, 1, &iov, &w);
-		if (ret != -ENOSPC || !strstr(ds_io_engine_errmsg(e), dst) || access(dst, F_OK) == 0) {
+		if (ret != -ENOSPC || !strstr(ds_err_msg(ds_io_engine_err(e)), dst) || access(dst, F_OK) == 0) {
 			fprintf(stderr, "write_buffers %s: ret %d msg '%s'\n", ds_io_backend_name(b), ret,
-				ds_io_engine_errmsg(e));
+				ds_err_msg(ds_io_engine_err(e)));
 			failed = 1;
 		}
 		if (!t_counters_balanced(e))

@@ -32,7 +32,7 @@ int main(void)
 			munmap(m, sizes[i]);
 		}
 	}
-	CHECK(ds_memfd_dump(c, 3, fds, sz, pp, res) == 0, "dump: %s", ds_memfd_ctx_errmsg(c));
+	CHECK(ds_memfd_dump(c, 3, fds, sz, pp, res) == 0, "dump: %s", ds_err_msg(ds_memfd_ctx_err(c)));
 	for (i = 0; i < 3; i++) {
 		unsigned char *got = t_read_file(paths[i], &n);
 
@@ -42,14 +42,14 @@ int main(void)
 		segs[i] = (struct ds_memfd_segment){ .path = paths[i], .length = sizes[i], .expect = res[i].digest,
 						     .check = 1 };
 	}
-	CHECK(ds_memfd_restore(c, 3, segs, back) == 0, "restore: %s", ds_memfd_ctx_errmsg(c));
+	CHECK(ds_memfd_restore(c, 3, segs, back) == 0, "restore: %s", ds_err_msg(ds_memfd_ctx_err(c)));
 	for (i = 0; i < 3; i++) {
 		CHECK(t_memfd_equals(back[i].fd, data[i], sizes[i]), "round trip %zu", i);
 		ds_memfd_close(c, back[i].fd);
 	}
 	/* dumping onto existing files: EEXIST, and the files that were there stay */
 	CHECK(ds_memfd_dump(c, 3, fds, sz, pp, res) == -EEXIST, "exists");
-	CHECK(strstr(ds_memfd_ctx_errmsg(c), paths[0]), "msg %s", ds_memfd_ctx_errmsg(c));
+	CHECK(strstr(ds_err_msg(ds_memfd_ctx_err(c)), paths[0]), "msg %s", ds_err_msg(ds_memfd_ctx_err(c)));
 	CHECK(access(paths[0], F_OK) == 0, "the existing file is kept");
 	for (i = 0; i < 3; i++) {
 		ds_memfd_close(c, fds[i]);

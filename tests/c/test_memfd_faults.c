@@ -27,8 +27,8 @@ int main(void)
 
 		ret = ds_memfd_restore(c, 2, segs, res);
 		CHECK(ret == -EINVAL, "beyond EOF: %d", ret);
-		CHECK(strstr(ds_memfd_ctx_errmsg(c), "beyond the end of the file") &&
-		      strstr(ds_memfd_ctx_errmsg(c), path), "message: %s", ds_memfd_ctx_errmsg(c));
+		CHECK(strstr(ds_err_msg(ds_memfd_ctx_err(c)), "beyond the end of the file") &&
+		      strstr(ds_err_msg(ds_memfd_ctx_err(c)), path), "message: %s", ds_err_msg(ds_memfd_ctx_err(c)));
 		CHECK(res[0].fd == -1 && res[1].fd == -1, "no fds");
 		CHECK(t_memfd_balanced(c), "counters");
 	}
@@ -38,8 +38,11 @@ int main(void)
 		struct ds_memfd_segment segs[1] = { { .path = missing, .length = 1 } };
 
 		CHECK(ds_memfd_restore(c, 1, segs, res) == -ENOENT, "missing file");
-		CHECK(strstr(ds_memfd_ctx_errmsg(c), "open") && strstr(ds_memfd_ctx_errmsg(c), missing), "msg %s",
-		      ds_memfd_ctx_errmsg(c));
+		const struct ds_err *er = ds_memfd_ctx_err(c);
+
+		CHECK(strstr(ds_err_msg(er), "open") && strstr(ds_err_msg(er), missing), "msg %s", ds_err_msg(er));
+		CHECK(!strcmp(ds_err_op(er), "open") && !strcmp(ds_err_path(er), missing), "op %s path %s",
+		      ds_err_op(er), ds_err_path(er));
 		CHECK(t_memfd_balanced(c), "counters");
 	}
 	ds_memfd_ctx_destroy(c);
@@ -55,7 +58,7 @@ int main(void)
 		segs[1].expect = ds_memfd_digest(data, size);
 		ret = ds_memfd_restore(c, 2, segs, res);
 		CHECK(ret == -EBADMSG, "mismatch: %d", ret);
-		CHECK(strstr(ds_memfd_ctx_errmsg(c), "checksum mismatch"), "msg %s", ds_memfd_ctx_errmsg(c));
+		CHECK(strstr(ds_err_msg(ds_memfd_ctx_err(c)), "checksum mismatch"), "msg %s", ds_err_msg(ds_memfd_ctx_err(c)));
 		CHECK(res[0].fd == -1 && res[1].fd == -1, "no region handed out");
 		CHECK(t_memfd_balanced(c), "counters");
 	}
@@ -70,8 +73,8 @@ int main(void)
 			ds_memfd_close(c, res[0].fd);
 		} else {
 			CHECK(ret == -ENOMEM || ret == -EINVAL || ret == -ENOSYS, "hugetlb: %d %s", ret,
-			      ds_memfd_ctx_errmsg(c));
-			CHECK(ds_memfd_ctx_errmsg(c)[0], "a message");
+			      ds_err_msg(ds_memfd_ctx_err(c)));
+			CHECK(ds_err_msg(ds_memfd_ctx_err(c))[0], "a message");
 			CHECK(res[0].fd == -1, "no fd");
 		}
 		CHECK(t_memfd_balanced(c), "counters");

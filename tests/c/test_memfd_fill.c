@@ -34,7 +34,7 @@ int main(void)
 				segs[i].check = 1;
 			}
 			CHECK(ds_memfd_restore(c, 4, segs, res) == 0, "flags %#x threads %u: %s", flagsets[f],
-			      threads[t], ds_memfd_ctx_errmsg(c));
+			      threads[t], ds_err_msg(ds_memfd_ctx_err(c)));
 			for (i = 0; i < 4; i++) {
 				struct stat st;
 

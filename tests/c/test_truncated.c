@@ -44,10 +44,10 @@ int main(void)
 			CHECK(ds_io_engine_create(&e, &cfg) == 0, "create");
 			ret = ds_io_copy_files(e, 1, sp, dp, &res, cut, &s);
 			CHECK(ret == -EIO, "%s direct %d: ret %d (%s)", ds_io_backend_name(b), d, ret,
-			      ds_io_engine_errmsg(e));
-			CHECK(strstr(ds_io_engine_errmsg(e), "truncated while reading"), "message: %s",
-			      ds_io_engine_errmsg(e));
-			CHECK(strstr(ds_io_engine_errmsg(e), src), "message names the source");
+			      ds_err_msg(ds_io_engine_err(e)));
+			CHECK(strstr(ds_err_msg(ds_io_engine_err(e)), "truncated while reading"), "message: %s",
+			      ds_err_msg(ds_io_engine_err(e)));
+			CHECK(strstr(ds_err_msg(ds_io_engine_err(e)), src), "message names the source");
 			CHECK(access(dst, F_OK) != 0, "partial destination removed");
 			CHECK(t_counters_balanced(e), "counters");
 			ds_io_engine_destroy(e);

@@ -6,6 +6,8 @@
 #include <stdint.h>
 #include <sys/uio.h>
 
+#include "dynsnap/err.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -56,11 +58,8 @@ struct ds_io_engine;
 int ds_io_engine_create(struct ds_io_engine **out, const struct ds_io_config *cfg);
 void ds_io_engine_destroy(struct ds_io_engine *e);
 
-/* Message of the last failure ("write /x/y: No space left on device"), "" if none. */
-const char *ds_io_engine_errmsg(const struct ds_io_engine *e);
-/* Operation ("open", "read", "write", "fsync", ...) and path of the last failure. */
-const char *ds_io_engine_errop(const struct ds_io_engine *e);
-const char *ds_io_engine_errpath(const struct ds_io_engine *e);
+/* The last operation's first failure (dynsnap/err.h: message, operation, path); empty if it succeeded. */
+const struct ds_err *ds_io_engine_err(const struct ds_io_engine *e);
 /* Backend that ran the last operation (never DS_IO_AUTO once an operation ran). */
 int ds_io_engine_backend(const struct ds_io_engine *e);
 void ds_io_engine_counters(const struct ds_io_engine *e, struct ds_io_counters *out);

@@ -6,6 +6,7 @@
 #include <stdint.h>
 
 #include "dynsnap/digest.h"
+#include "dynsnap/err.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -63,9 +64,8 @@ struct ds_memfd_ctx;
 
 int ds_memfd_ctx_create(struct ds_memfd_ctx **out, const struct ds_memfd_config *cfg);
 void ds_memfd_ctx_destroy(struct ds_memfd_ctx *c);
-const char *ds_memfd_ctx_errmsg(const struct ds_memfd_ctx *c);
-const char *ds_memfd_ctx_errop(const struct ds_memfd_ctx *c);
-const char *ds_memfd_ctx_errpath(const struct ds_memfd_ctx *c);
+/* The first failure of the last operation (dynsnap/err.h: message, operation, path); empty if none. */
+const struct ds_err *ds_memfd_ctx_err(const struct ds_memfd_ctx *c);
 void ds_memfd_ctx_counters(const struct ds_memfd_ctx *c, struct ds_memfd_counters *out);
 unsigned ds_memfd_ctx_threads(const struct ds_memfd_ctx *c);
 
