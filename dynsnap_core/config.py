@@ -50,6 +50,8 @@ SETTINGS = {s.name: s for s in (
     Setting("s3_endpoint", "DYNSNAP_S3_ENDPOINT", None, "an S3-compatible endpoint URL"),
     Setting("agent_workers", "DYNSNAP_AGENT_WORKERS", "4", "the agent's worker threads"),
     Setting("agent_log_level", "DYNSNAP_AGENT_LOG_LEVEL", "warning", "the agent's log level"),
+    Setting("gms_socket", "DYNSNAP_GMS_SOCKET", None,
+            "the GPU memory service's socket (default: RUN_DIR/gms.sock)"),
     Setting("fio", "DYNSNAP_FIO", None, "fio for bench io's device-limit rows"),
     Setting("io_sweep", "DYNSNAP_IO_SWEEP", "", "1: bench io adds a block size x queue depth table"),
     Setting("io_sweep_mb", "DYNSNAP_IO_SWEEP_MB", None, "MiB per cell of that table"),

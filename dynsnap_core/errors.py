@@ -62,6 +62,10 @@ class Stage(str, enum.Enum):
     REATTACH = "reattach"
     STORE = "store"
     WEIGHTS = "weights"
+    # the GPU memory service and the in-worker agent
+    GMS = "gms"
+    QUIESCE = "quiesce"
+    RESUME = "resume"
     # remote storage and the agent
     STORAGE = "storage"
     UPLOAD = "upload"

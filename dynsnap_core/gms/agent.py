@@ -32,6 +32,7 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
+from .. import config
 from . import protocol as P
 
 __all__ = ["Agent", "default", "start", "register", "track", "run_dir", "agent_file", "PREFIX"]
@@ -40,7 +41,7 @@ PREFIX = "dynsnap-agent-"
 
 
 def run_dir() -> str:
-    return os.environ.get("DYNSNAP_RUN_DIR", "/run/dynsnap")
+    return os.fspath(config.run_dir())
 
 
 def agent_file(pid: int) -> str:

@@ -35,6 +35,7 @@ import tempfile
 import time
 from typing import Any, Optional, Sequence
 
+from .. import config
 from ..errors import DynsnapError
 
 __all__ = ["VERSION", "MAX_REQUEST", "MAX_REPLY", "OPS", "GmsError", "ProtocolError", "send", "recv",
@@ -55,10 +56,9 @@ _REQUIRED = {"ensure": ("set",), "open": ("set",), "close": ("set",), "evict": (
 
 
 def default_socket() -> str:
-    """The service's socket unless --socket says otherwise: ``$DYNSNAP_GMS_SOCKET`` or
-    ``$DYNSNAP_RUN_DIR/gms.sock`` (``/run/dynsnap/gms.sock``)."""
-    return os.environ.get("DYNSNAP_GMS_SOCKET") or os.path.join(
-        os.environ.get("DYNSNAP_RUN_DIR", "/run/dynsnap"), "gms.sock")
+    """The service's socket unless --socket says otherwise: ``$DYNSNAP_GMS_SOCKET`` or ``RUN_DIR/gms.sock``
+    (``/run/dynsnap/gms.sock`` for root; see dynsnap_core/config.py)."""
+    return config.get("gms_socket") or os.path.join(config.run_dir(), "gms.sock")
 
 
 class GmsError(DynsnapError):
