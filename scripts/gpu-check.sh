@@ -4,7 +4,8 @@
 # Run from the repo root on the GPU machine, with .gpubundle/ (from scripts/gpu-bundle.sh) carried along:
 #   scripts/gpu-check.sh [setup] [tests] [bench [SIZES]] [io] [memfd] [weights [SIZES]] [e2e [MODEL]]
 #   (no argument: setup tests bench; e2e: `dynsnap bench e2e` for MODEL, default qwen3-0.6b, with its plot)
-# SIZES is a comma list of GB (default 1,4,16, or $DYNSNAP_BENCH_SIZES). Results go to $OUT (default
+# SIZES is a comma list of GB (default 1,4,16, or $DYNSNAP_BENCH_SIZES). $DYNSNAP_GPU_TESTS narrows the tests step
+# (pytest paths), $DYNSNAP_E2E_ROWS the e2e rows (see `dynsnap bench e2e --rows`). Results go to $OUT (default
 # /tmp/dynsnap-gpu-out): build.log, gpu-tests.log, bench-gpu.json, bench-gpu.log, bench-weights.json,
 # gpu-facts.jsonl, summary.md. Uses the machine's python3 (torch, cuda-bindings preinstalled); setup always runs
 # first (idempotent): build, then kvikio, CRIU and the driver are reported. Exits non-zero when the build, any GPU
@@ -109,7 +110,8 @@ rc_tests=0
 if [[ $want_tests == 1 ]]; then
     export DYNSNAP_GPU_FACTS=$OUT/gpu-facts.jsonl
     : >"$DYNSNAP_GPU_FACTS"
-    $PY -m pytest -m gpu tests/gpu -v --timeout 300 -p no:cacheprovider -rs 2>&1 | tee "$OUT/gpu-tests.log"
+    # shellcheck disable=SC2086 - DYNSNAP_GPU_TESTS is a list of test paths (default: the whole GPU suite)
+    $PY -m pytest -m gpu ${DYNSNAP_GPU_TESTS:-tests/gpu} -v --timeout 300 -p no:cacheprovider -rs 2>&1 | tee "$OUT/gpu-tests.log"
     rc_tests=${PIPESTATUS[0]}
     note "tests: rc $rc_tests, $(grep -E '^=+ .*(passed|failed|skipped|error).* =+$' "$OUT/gpu-tests.log" | tail -1 | tr -d '=' | xargs)"
 fi
@@ -165,6 +167,7 @@ fi
 rc_e2e=0
 if [[ $want_e2e == 1 ]]; then
     $PY -m dynsnap_core.cli bench e2e --model "$E2E_MODEL" --json --plot "$OUT/e2e-$E2E_MODEL.png" \
+        ${DYNSNAP_E2E_ROWS:+--rows "$DYNSNAP_E2E_ROWS"} \
         >"$OUT/bench-e2e.json" 2>"$OUT/bench-e2e.log"
     rc_e2e=$?
     $PY - "$OUT/bench-e2e.json" <<'PYEOF' >"$OUT/bench-e2e.txt" 2>&1 || rc_e2e=1

@@ -34,7 +34,7 @@ from .util import drop_caches, warm
 from ..durable import tree_bytes
 from ..errors import DynsnapError
 
-__all__ = ["run", "format_table", "plot", "ROWS"]
+__all__ = ["run", "format_table", "plot", "ROWS", "ROW_KEYS"]
 
 # (row name, how the worker starts, release the KV pool before the checkpoint, tool); dynsnap's rows add one
 # feature at a time
@@ -46,6 +46,9 @@ ROWS = [("stock criu + driver, KV kept", "setsid", False, "stock"),
         # the worker maps its weights from the GPU memory service and keeps its KV pool in a releasable region;
         # dynsnap checkpoint/restore quiesce and resume it through its agent (no request from the bench)
         ("dynsnap, GPU memory service", "run", True, "dynsnap-gms")]
+# short names for --rows
+ROW_KEYS = {"stock-kept": ROWS[0][0], "stock-freed": ROWS[1][0], "dynsnap-kept": ROWS[2][0],
+            "dynsnap-released": ROWS[3][0], "dynsnap-thp": ROWS[4][0], "gms": ROWS[5][0]}
 
 
 def _request(sock: str, req: dict, timeout: float = 600) -> dict:
@@ -299,6 +302,12 @@ def run(model: str = "qwen3-0.6b", device: str = "cuda:0", kv_gb: Optional[float
         raise DynsnapError(f"unknown model {model!r}: use one of {', '.join(e2e_worker.MODELS)}", stage="bench")
     if kv_gb is None:
         kv_gb = 16.0 if device.startswith("cuda") else 0.25
+    if rows:
+        unknown = [x for x in rows if x not in ROW_KEYS and x not in [n for n, *_ in ROWS]]
+        if unknown:
+            raise DynsnapError(f"unknown bench e2e row(s) {', '.join(unknown)}: use {', '.join(ROW_KEYS)}",
+                               stage="bench")
+        rows = [ROW_KEYS.get(x, x) for x in rows]
     proc.set_child_subreaper()
     weights_dir = os.path.join(dir, "dynsnap-e2e-weights")
     say(f"weights: {e2e_worker.weights_path(model, weights_dir)} (written once)")

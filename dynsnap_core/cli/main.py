@@ -231,7 +231,7 @@ def cmd_bench(a) -> int:
                                    dir=a.dir or "/var/tmp", cold=not a.no_cold, progress=say),
         "restore": lambda m: m.run(a.dir or None, size_mb=a.size_mb, progress=say),
         "e2e": lambda m: m.run(a.model, device=a.device, kv_gb=a.kv_gb, dir=a.dir or "/var/tmp", cold=not a.no_cold,
-                               progress=say),
+                               rows=[x for x in (a.rows or "").split(",") if x] or None, progress=say),
     }
     if a.what not in runs:
         raise DynsnapError(f"unknown benchmark {a.what!r}", stage="bench")
@@ -416,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cuda:0", help="e2e: where the worker runs (default cuda:0; cpu works)")
     s.add_argument("--kv-gb", type=float, help="e2e: the worker's KV pool in GB (default 16 on a GPU, 0.25 on cpu)")
     s.add_argument("--plot", help="e2e: write a PNG of each row's restore phases to this file")
+    s.add_argument("--rows", help="e2e: comma-separated rows (stock-kept, stock-freed, dynsnap-kept, "
+                   "dynsnap-released, dynsnap-thp, gms; default all)")
     s.add_argument("--sizes", help="weights: comma-separated GB of bf16 weights (default 1.2,16)")
     s.add_argument("--threads", help="memfd: comma-separated thread counts (default 1,2,4,8,16 up to the cores)")
     s.add_argument("--no-cold", action="store_true", help="memfd: skip the cold-cache (drop_caches) runs")
