@@ -87,3 +87,36 @@ def test_agent_worker_survives_checkpoint_and_restore_twice(tmp_path, home, monk
         assert events.read_text().split() == ["quiesce", "resume", "quiesce", "resume", "resume"]
     finally:
         _kill(pid)
+
+
+def test_agent_of_a_worker_under_dynsnap_run_is_found_and_quiesced(tmp_path, home, monkeypatch):
+    """Under `dynsnap run` the worker knows itself by another pid (its own pid namespace): the checkpoint still
+    finds its agent (by the socket it holds) and quiesces it, and the restore resumes it."""
+    import dynsnap_core as ds
+    from dynsnap_core import proc
+    from dynsnap_core.launch import launch
+    monkeypatch.setenv("DYNSNAP_RUN_DIR", str(tmp_path / "run"))
+    events, ready = tmp_path / "events", tmp_path / "ready"
+    env = {**os.environ, "DYNSNAP_RUN_DIR": str(tmp_path / "run"),
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    pid = launch([sys.executable, "-c", WORKER, str(events), str(ready)], log=str(tmp_path / "worker.log"),
+                 cwd=str(tmp_path), env=env)
+    try:
+        end = time.monotonic() + 60
+        while not ready.exists():
+            assert time.monotonic() < end, (tmp_path / "worker.log").read_text()
+            time.sleep(0.02)
+        tree = proc.tree(pid)
+        name = AC.find(tree)
+        assert name is not None and name.startswith("dynsnap-agent-")
+        assert not name.startswith(f"dynsnap-agent-{tree[-1]}-")     # it named itself by its pid inside
+        snap = ds.checkpoint(pid, tmp_path / "snap")
+        assert [a["agent"] for a in snap.manifest["gms"]["agents"]] == [name]
+        _kill(pid)
+        r = ds.restore(snap.path)
+        pid = r.pid
+        assert AC.ping(AC.find(proc.tree(r.pid)))["state"] == "running"
+        assert events.read_text().split() == ["quiesce", "resume"]
+    finally:
+        for p in reversed(proc.tree(pid)):
+            _kill(p)

@@ -17,6 +17,7 @@ Every call raises :class:`AgentError` with one sentence when the agent cannot be
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 from typing import Iterable, Mapping, Optional
@@ -58,14 +59,48 @@ def find_all(pids: Iterable[int]) -> list[str]:
     return out
 
 
+def _held_agent_name(pid: int) -> Optional[str]:
+    """The agent name bound by a socket that ``pid`` holds open: its socket inodes (/proc/PID/fd) matched against
+    the abstract names of its network namespace (/proc/PID/net/unix). Exact whatever pid namespace the worker
+    lives in (under `dynsnap run` it knows itself by another pid) and whatever name a restore gave the socket.
+    "" when the process holds no agent socket, None when /proc cannot tell."""
+    inodes = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    try:
+        with open(f"/proc/{pid}/net/unix") as f:
+            next(f, None)
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 8 and parts[7].startswith("@" + PREFIX) and parts[6] in inodes:
+                    return parts[7][1:]
+    except OSError:
+        return None
+    return ""
+
+
 def find(pids: Iterable[int]) -> Optional[str]:
-    """The agent socket name of the first process in ``pids`` that runs one, else None. The agent file
-    (``$DYNSNAP_RUN_DIR/agents/<pid>.json``) is trusted only when its start time matches the live process and
-    its name is bound; otherwise a bound name ``dynsnap-agent-<pid>-...`` is looked for (a restored worker whose
-    name was renamed)."""
+    """The agent socket name of the first process in ``pids`` that runs one, else None: the abstract agent
+    socket the process holds (:func:`_held_agent_name`); where /proc cannot tell, the agent file
+    (``$DYNSNAP_RUN_DIR/agents/<pid>.json``), trusted only when its start time matches the live process and its
+    name is bound, or a bound name ``dynsnap-agent-<pid>-...``."""
     names = None
     for pid in pids:
         pid = int(pid)
+        held = _held_agent_name(pid)
+        if held:
+            return held
+        if held == "":
+            continue              # /proc says: no agent socket in this process
         try:
             with open(agent_file(pid)) as f:
                 rec = json.load(f)
