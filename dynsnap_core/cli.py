@@ -94,6 +94,8 @@ def cmd_restore(a) -> int:
         kw = dict(verify=not a.no_verify, device_map=_parse_device_map(a.device_map), progress=rep.update)
         if a.thp:
             kw["thp"] = True
+        if a.lazy is not None:
+            kw["lazy"] = a.lazy
         if a.memsvc:
             from .memsvc import restore_with_regions
             r = restore_with_regions(a.dir, service=a.memsvc, store=a.weights_store, **kw)
@@ -103,6 +105,10 @@ def cmd_restore(a) -> int:
                 from .storage import fetch
                 src = fetch(src, progress=rep.update)
             r = restore(src, **kw)
+        if r.fill is not None:
+            # the worker runs already; stay until every page is in (the tree dies with a failed fill)
+            rep.say(f"pid {r.pid} runs; filling its memory in the background")
+            r.wait_filled()
     if a.json:
         _emit_json({"pid": r.pid, "snapshot": str(r.snapshot.path), "timings": r.timings, **r.timings})
     else:
@@ -340,6 +346,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--thp", action="store_true",
                    help="set the host's transparent huge pages to 'always' while CRIU restores (host-wide; put back "
                         "after; also DYNSNAP_RESTORE_THP=always)")
+    s.add_argument("--lazy", action=argparse.BooleanOptionalAction, default=None,
+                   help="let the tree run before its memory is in place; CRIU's lazy-pages daemon fills it over "
+                        "userfaultfd, pages it touches first (default: lazy where the kernel supports it, for "
+                        "snapshots without GPU state; DYNSNAP_RESTORE_LAZY=on|off); the command returns once every "
+                        "page is in")
     s.add_argument("--device-map", help="GPU remap OLD_UUID=NEW_UUID,...")
     s.add_argument("--memsvc", metavar="SOCKET", help="memory service that loads the snapshot's regions meanwhile")
     s.add_argument("--weights-store", help="weight directory (default: the one recorded in the snapshot)")

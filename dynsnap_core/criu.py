@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import shutil
 import subprocess
 import sys
@@ -254,7 +255,7 @@ class Supervised:
                     overrun = f"it did not finish within {timeout:.0f} s"
                 if overrun:
                     break
-                time.sleep(interval)
+                select.select([self._report], [], [], interval)    # wakes as soon as the supervisor reports
         except BaseException:
             self.kill()
             raise

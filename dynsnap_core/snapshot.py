@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from . import criu_images, thp_scope
+from . import criu_images, lazy_pages, thp_scope
 from . import manifest as mf
 from . import proc
 from .criu import find_criu, require_privilege, run_limits
@@ -159,6 +159,11 @@ class RestoredProcess:
     pid: int
     snapshot: Snapshot
     timings: dict = field(default_factory=dict)
+    fill: Optional[Any] = field(default=None, repr=False)     # lazy restore: lazy_pages.Filler
+
+    def wait_filled(self, timeout: Optional[float] = None) -> float:
+        """Lazy restore: wait until every page is in (seconds from the restore's start); 0.0 for an eager one."""
+        return self.fill.wait(timeout) if self.fill is not None else 0.0
 
     def alive(self) -> bool:
         return proc.exists(self.pid)
@@ -709,7 +714,7 @@ def _prefetch_tmpfs(snap: Snapshot, engine: str, verify: bool) -> tuple[Path, fl
 def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optional[dict] = None,
             progress: Progress = None, engine: str = "auto", verify_threads: int = 4,
             prefetch: Optional[str] = None, log_dir: Optional[Path] = None,
-            thp: Optional[bool] = None) -> RestoredProcess:
+            thp: Optional[bool] = None, lazy: Optional[bool] = None) -> RestoredProcess:
     """Verify a snapshot and bring its process tree back (detached); return the restored root.
 
     ``thp`` (default: ``$DYNSNAP_RESTORE_THP`` is ``always``) sets the host's transparent huge pages to `always`
@@ -727,6 +732,10 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
     ``prefetch`` (default ``$DYNSNAP_RESTORE_PREFETCH`` or ``pagecache``): ``pagecache`` is the overlapped
     path above; ``tmpfs`` first copies and checks the images into tmpfs with the C engine, then CRIU
     restores from memory (``dynsnap bench restore`` measures both; page cache was faster, see RESULTS.md).
+
+    ``lazy`` (default: on where userfaultfd works, for snapshots without CUDA state; ``$DYNSNAP_RESTORE_LAZY``):
+    CRIU's lazy-pages daemon fills the memory while the tree runs; the tree is still continued only after every
+    checksum matched, and is killed if the fill fails (dynsnap_core/lazy_pages.py). ``RestoredProcess.wait_filled``.
     """
     import concurrent.futures as cf
     import threading
@@ -761,6 +770,7 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
     _require_compatible(snap)       # every fact the snapshot needs, before anything is touched
     criu = find_criu()
     _check_devices(m)
+    lazy = lazy_pages.choose(lazy, criu, m, prefetch, thp)      # dynsnap_core/lazy_pages.py (issue 12)
     mf.check_closed(snap.path, m)
     crit_timeout, log_limit = run_limits(m["total_bytes"])
     pid = m["root_pid"]
@@ -830,6 +840,7 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
     vfut = None
     run = None
     rpid: Optional[int] = None
+    daemon = filler = None                      # lazy restore (issue 12)
 
     def check() -> None:
         """Raised out of CRIU's wait: a signal to dynsnap, or a pages file that failed verification."""
@@ -848,6 +859,12 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
 
     try:
         with _deferred_signals(sigstate):
+            if lazy:        # first: its start reads metadata only, which a cold disk serves late behind the pages
+                t0 = time.perf_counter()
+                daemon = lazy_pages.Daemon(criu, args, work, restore_entry())
+                daemon.ready()
+                timings["lazy_daemon_start"] = time.perf_counter() - t0
+                args += daemon.restore_args()
             if verify and staged is None:
                 def _verify() -> float:
                     t0 = time.perf_counter()
@@ -889,9 +906,15 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
                 ctree.unlock_all()
                 timings.update(ctree.timings)
             check()
-            run.release()
+            if daemon is not None:      # the tree runs; the supervisor keeps it until every page is in
+                filler = lazy_pages.Filler(daemon, run, timeout=crit_timeout, log_limit=log_limit, t_start=t_start,
+                                           timings=timings, cleanup=lazy_pages.remove_workdir(work))
+            else:
+                run.release()
     except BaseException:
         cancel.set()
+        if daemon is not None:
+            daemon.kill()
         if run is not None:
             run.kill()                  # CRIU and every process it restored: none outlives a failed restore
         else:
@@ -903,9 +926,9 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
         if staged is not None:
             shutil.rmtree(staged, ignore_errors=True)
     timings["total"] = time.perf_counter() - t_start
-    if os.environ.get("DYNSNAP_KEEP_LOGS") is None:
+    if os.environ.get("DYNSNAP_KEEP_LOGS") is None and filler is None:
         shutil.rmtree(work, ignore_errors=True)
-    return RestoredProcess(rpid, snap, timings)
+    return RestoredProcess(rpid, snap, timings, fill=filler)
 
 
 def _restore_workdir(log_dir: Path) -> Path:

@@ -184,6 +184,10 @@ def _serve(child: int, control: int, report: int, stop: list, book: "_Book") -> 
     """Report CRIU's end, obey the control word; True only for ``release``."""
     _report(report, f"started {child}")
     criu_done = False
+    try:                                   # readable when CRIU exits: its end is reported at once, not at the next tick
+        exited = [os.pidfd_open(child)]
+    except (AttributeError, OSError):
+        exited = []
     buf = b""
     while True:
         if stop:
@@ -197,11 +201,14 @@ def _serve(child: int, control: int, report: int, stop: list, book: "_Book") -> 
             if pid == child:
                 criu_done = True
                 _report(report, f"exit {os.waitstatus_to_exitcode(status)}")
+                for fd in exited:
+                    os.close(fd)
+                exited = []
         try:
-            ready, _, _ = select.select([control], [], [], 0.02)
+            ready, _, _ = select.select([control, *exited], [], [], 0.02)
         except InterruptedError:
             continue
-        if ready:
+        if control in ready:
             data = os.read(control, 64)
             if not data:                       # dynsnap is gone without a word: nothing it restored may stay
                 return False
