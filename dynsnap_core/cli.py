@@ -105,14 +105,16 @@ def cmd_restore(a) -> int:
                 from .storage import fetch
                 src = fetch(src, progress=rep.update)
             r = restore(src, **kw)
-        if r.fill is not None:
-            # the worker runs already; stay until every page is in (the tree dies with a failed fill)
-            rep.say(f"pid {r.pid} runs; filling its memory in the background")
+        if r.fill is not None and a.wait_filled:
             r.wait_filled()
+    filling = r.fill is not None and not r.fill.done()
     if a.json:
-        _emit_json({"pid": r.pid, "snapshot": str(r.snapshot.path), "timings": r.timings, **r.timings})
+        _emit_json({"pid": r.pid, "snapshot": str(r.snapshot.path), "timings": r.timings, **r.timings,
+                    "filling": filling})
     else:
-        print(f"restored pid {r.pid} from {r.snapshot.path}; {_fmt_timings(r.timings)}")
+        print(f"restored pid {r.pid} from {r.snapshot.path}; {_fmt_timings(r.timings)}"
+              + ("; its memory is still being filled in the background (supervised: the tree is killed if "
+                 "that fails)" if filling else ""))
     return 0
 
 
@@ -349,8 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lazy", action=argparse.BooleanOptionalAction, default=None,
                    help="let the tree run before its memory is in place; CRIU's lazy-pages daemon fills it over "
                         "userfaultfd, pages it touches first (default: lazy where the kernel supports it, for "
-                        "snapshots without GPU state; DYNSNAP_RESTORE_LAZY=on|off); the command returns once every "
-                        "page is in")
+                        "snapshots without GPU state; DYNSNAP_RESTORE_LAZY=on|off); the command returns as soon as "
+                        "the tree runs")
+    s.add_argument("--wait-filled", action="store_true",
+                   help="lazy restore: return only once every page of the restored memory is in")
     s.add_argument("--device-map", help="GPU remap OLD_UUID=NEW_UUID,...")
     s.add_argument("--memsvc", metavar="SOCKET", help="memory service that loads the snapshot's regions meanwhile")
     s.add_argument("--weights-store", help="weight directory (default: the one recorded in the snapshot)")

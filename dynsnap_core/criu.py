@@ -170,7 +170,7 @@ class Supervised:
     _SCRIPT = str(Path(__file__).with_name("supervise.py"))
 
     def __init__(self, criu: Criu, args: Sequence[str], *, log: Path, stage: str, pid: Optional[int],
-                 inherit_stdin: bool, journal: Optional[Path] = None):
+                 inherit_stdin: bool, journal: Optional[Path] = None, extra: Sequence[str] = ()):
         self.log, self.stage, self.pid = Path(log), stage, pid
         self.status: Optional[int] = None
         self.criu_pid: Optional[int] = None
@@ -179,8 +179,8 @@ class Supervised:
         self._report, report_w = os.pipe()
         os.set_blocking(self._report, False)
         cmd = [sys.executable, "-I", "-S", self._SCRIPT, "--control", str(control_r), "--report", str(report_w),
-               *(["--journal", str(journal)] if journal is not None else []), "--", criu.path, *args, "-o", str(log),
-               "-v4"]
+               *(["--journal", str(journal)] if journal is not None else []), *extra,     # extra: lazy_pages.py
+               "--", criu.path, *args, "-o", str(log), "-v4"]
         try:
             with open(self._out, "wb") as out:
                 self._proc = subprocess.Popen(

@@ -10,15 +10,15 @@ How dynsnap keeps its guarantees on this path (dynsnap_core/snapshot.py ``restor
 - Trust: the tree is restored stopped; it is continued only after every checksum matched (as for an eager
   restore). The daemon may already copy pages into the stopped tree while the checksums run; if one fails, the
   tree is killed before it ever ran.
-- A page is never served wrong: if the daemon dies before every page is in, the kernel would hand the tree zero
-  pages for the rest (userfaultfd unregisters when its descriptor closes). So the daemon runs under the restore
-  supervisor (dynsnap_core/supervise.py) and the restore's own supervisor keeps the restored tree until the
-  daemon has exited 0: a daemon that fails, is killed or outlives its time limit gets the tree killed, and so
-  does dynsnap dying before the fill is complete (both supervisors see their control pipe close). Only then is
-  the tree left to the system.
-- ``dynsnap restore`` returns when the memory is complete; the worker answers from the moment it is continued.
-  In Python, ``restore()`` returns at that moment and ``RestoredProcess.wait_filled()`` waits for the rest (an
-  interpreter that exits first waits for it too: the fill thread is not a daemon thread).
+- A page is never served wrong: if the daemon died before every page is in, the kernel would hand the tree zero
+  pages for the rest (userfaultfd unregisters when its descriptor closes). So the daemon runs under the same
+  restore supervisor as CRIU (dynsnap_core/supervise.py: it starts the daemon, then CRIU once the daemon
+  listens). Until the tree runs, that supervisor kills everything when dynsnap fails or dies, as for an eager
+  restore. Then dynsnap hands the tree over (``handover``) and may exit: the supervisor keeps the tree until the
+  daemon exits 0 (all pages in), then leaves it to the system; a daemon that fails, is killed or outlives the
+  restore's time limit gets the tree killed.
+- ``dynsnap restore`` returns as soon as the tree runs (``--wait-filled`` waits for the rest); in Python,
+  ``RestoredProcess.wait_filled()`` does.
 
 The default (``lazy=None``): lazy where this host supports it (kernel userfaultfd with non-cooperative events,
 ``criu check --feature uffd-noncoop``, cached per boot, kernel and CRIU), for snapshots without CUDA state
@@ -28,21 +28,22 @@ there), and for the page-cache prefetch mode. ``$DYNSNAP_RESTORE_LAZY`` = ``on``
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
-import shutil
+import select
 import subprocess
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from .criu import Supervised
 from .errors import CriuError, InvalidArgument
 
-__all__ = ["choose", "supported", "Daemon", "Filler", "SOCKET"]
+__all__ = ["choose", "supported", "starter", "LazySupervised", "Fill", "SOCKET"]
 
 SOCKET = "lazy-pages.socket"           # CRIU's name, in the work directory both CRIU processes share
-START_TIMEOUT = 30.0
 
 
 def _cache_file() -> Optional[Path]:
@@ -118,85 +119,118 @@ def choose(lazy: Optional[bool], criu: Any, manifest: dict, prefetch: str, thp: 
     return lazy
 
 
-class Daemon:
-    """``criu lazy-pages`` for one restore, under the restore supervisor; started before ``criu restore``."""
+class LazySupervised(Supervised):
+    """``criu restore --lazy-pages`` under the restore supervisor, which first starts ``criu lazy-pages`` and starts
+    CRIU once the daemon listens (dynsnap_core/supervise.py, ``_Lazy``). Used like ``Supervised`` up to the end of
+    the restore; then ``handover()`` leaves the tree to the supervisor until every page is in."""
 
-    def __init__(self, criu: Any, restore_args: list[str], work: Path, journal: Optional[Path]) -> None:
-        images = restore_args[restore_args.index("-D") + 1]
-        self.work = Path(work)
-        self.sup = criu.start_supervised(["lazy-pages", "-D", images, "-W", str(self.work)],
-                                         log=self.work / "lazy-pages.log", stage="lazy restore", journal=journal)
+    def __init__(self, criu: Any, args: list[str], *, work: Path, fill_timeout: float, **kw: Any) -> None:
+        work = Path(work)
+        images = args[args.index("-D") + 1]
+        daemon = [criu.path, "lazy-pages", "-D", images, "-W", str(work), "-o", str(work / "lazy-pages.log"), "-v4"]
+        extra = ["--daemon", json.dumps(daemon), "--daemon-socket", str(work / SOCKET),
+                 "--fill-timeout", f"{fill_timeout:.0f}"]
+        if os.environ.get("DYNSNAP_KEEP_LOGS") is None:
+            extra += ["--cleanup", str(work)]
+        super().__init__(criu, [*args, "--lazy-pages"], extra=extra, **kw)
+        self.daemon_pid: Optional[int] = None
+        self.filled_at: Optional[float] = None          # time.monotonic() of the supervisor's "filled"
+        self.fill_status: Optional[int] = None          # None: filling; 0 filled; else the daemon's exit status
 
-    def ready(self) -> None:
-        """Wait until the daemon listens (CRIU's restore connects early and fails if nobody does)."""
-        end = time.monotonic() + START_TIMEOUT
+    def poll(self) -> Optional[int]:
+        try:                    # the base class stops reading once CRIU's exit is known; the fill reports after it
+            while self.status is not None:
+                data = os.read(self._report, 4096)
+                if not data:
+                    break
+                self._buf += data
+        except OSError:         # nothing more now (EAGAIN), or closed
+            pass
+        status = super().poll()
+        for line in self._buf.decode(errors="replace").splitlines():
+            word, _, rest = line.partition(" ")
+            if word == "daemon" and rest.isdigit():
+                self.daemon_pid = int(rest)
+            elif word == "filled":
+                self.fill_status = 0
+                try:
+                    self.filled_at = float(rest)
+                except ValueError:
+                    self.filled_at = time.monotonic()
+            elif word == "fill-failed":
+                self.fill_status = int(rest) if rest.lstrip("-").isdigit() else 255
+        return status
+
+    def handover(self) -> None:
+        """The tree runs: the supervisor keeps it until the daemon exits 0 (then releases it) and kills it if the
+        daemon fails; dynsnap may exit from now on."""
+        self._settled = True
+        os.write(self._control, b"handover\n")
+        os.close(self._control)
+        threading.Thread(target=self._proc.wait, name="dynsnap-lazy-reap", daemon=True).start()
+
+    def wait_filled(self, timeout: Optional[float] = None) -> float:
+        """Block until the supervisor says the fill ended; the monotonic time it ended. CriuError if it failed."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self.poll()
+            if self.fill_status is not None:
+                break
+            if self._proc.poll() is not None:        # the supervisor ended: read what it said last
+                self.poll()
+                if self.fill_status is None:
+                    self.fill_status = 255               # gone without a word
+                break
+            if end is not None and time.monotonic() > end:
+                raise TimeoutError("the lazy restore is still filling memory")
+            select.select([self._report], [], [], 0.05)
+        if self.fill_status != 0:
+            why = "killed" if self.fill_status < 0 else f"exit status {self.fill_status}"
+            raise CriuError(f"CRIU's lazy-pages daemon ended ({why}) before every page was in; the restored tree "
+                            "was killed (its memory was incomplete)", stage="lazy restore",
+                            log=str(self.log.with_name("lazy-pages.log")))
+        return self.filled_at or time.monotonic()
+
+    def close(self) -> None:
         try:
-            while not (self.work / SOCKET).exists():      # the daemon listens before CRIU may connect
-                if self.sup.poll() is not None or time.monotonic() > end:
-                    self.sup.wait(timeout=1, log_limit=1 << 30)     # raises CRIU's one sentence
-                    raise CriuError("CRIU's lazy-pages daemon ended before it listened", stage="lazy restore",
-                                    log=str(self.sup.log))
-                time.sleep(0.001)
-        except BaseException:
-            self.sup.kill()
-            raise
-
-    @staticmethod
-    def restore_args() -> list[str]:
-        return ["--lazy-pages"]
-
-    def kill(self) -> None:
-        self.sup.kill()
+            os.close(self._report)
+        except OSError:
+            pass
 
 
-class Filler:
-    """Waits, in a thread, for the daemon to have copied every page, then leaves the tree to the system; kills the
-    tree if the daemon fails. ``wait()`` joins it: seconds from the restore's start to complete memory, or the
-    error that got the tree killed."""
+def starter(criu: Any, lazy: bool, work: Path, fill_timeout: float) -> Callable[..., Supervised]:
+    """How restore starts CRIU: ``criu.start_supervised``, or for a lazy restore the daemon first, then CRIU."""
+    if not lazy:
+        return criu.start_supervised
+    return lambda args, **kw: LazySupervised(criu, list(args), work=work, fill_timeout=fill_timeout, **kw)
 
-    def __init__(self, daemon: Daemon, run: Any, *, timeout: float, log_limit: int, t_start: float,
-                 timings: dict, cleanup: Callable[[], None]) -> None:
-        self.daemon, self.run, self.error = daemon, run, None
-        self._timeout, self._log_limit, self._t_start, self._timings = timeout, log_limit, t_start, timings
-        self._cleanup = cleanup
-        self._thread = threading.Thread(target=self._fill, name="dynsnap-lazy-fill", daemon=False)
-        self._thread.start()
+
+class Fill:
+    """What ``RestoredProcess.fill`` holds for a lazy restore: hands the tree over, then reports on the fill."""
+
+    def __init__(self, run: LazySupervised, t_start: float, timings: dict) -> None:
+        self.run, self.timings = run, timings
+        self._t0 = time.monotonic() - (time.perf_counter() - t_start)      # the restore's start, monotonic
+        run.handover()
 
     @property
     def daemon_pid(self) -> Optional[int]:
-        return self.daemon.sup.criu_pid
-
-    def _fill(self) -> None:
-        try:
-            self.daemon.sup.wait(timeout=self._timeout, log_limit=self._log_limit)
-        except BaseException as e:  # noqa: BLE001 - any end but a clean exit: the tree must not run on
-            self.error = e
-            self.run.kill()       # the restored tree: its missing pages would read as zeros
-            self.daemon.kill()
-            return
-        self._timings["memory_filled"] = time.perf_counter() - self._t_start
-        self.run.release()
-        self.daemon.sup.release()
-        self._cleanup()
+        self.run.poll()
+        return self.run.daemon_pid
 
     def done(self) -> bool:
-        return not self._thread.is_alive()
+        self.run.poll()
+        return self.run.fill_status is not None
 
     def wait(self, timeout: Optional[float] = None) -> float:
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            raise TimeoutError("the lazy restore is still filling memory")
-        if self.error is not None:
-            e = self.error
-            if isinstance(e, CriuError):
-                raise CriuError(f"{e.message}; the restored tree was killed (its memory was incomplete)",
-                                stage="lazy restore", log=getattr(e, "log", None)) from None
-            raise e
-        return self._timings["memory_filled"]
-
-
-def remove_workdir(work: Path) -> Callable[[], None]:
-    def go() -> None:
-        if os.environ.get("DYNSNAP_KEEP_LOGS") is None:
-            shutil.rmtree(work, ignore_errors=True)
-    return go
+        """Seconds from the restore's start until every page was in; CriuError if the fill failed (tree killed)."""
+        try:
+            at = self.run.wait_filled(timeout)
+        except TimeoutError:
+            raise
+        except BaseException:
+            self.run.close()
+            raise
+        self.run.close()
+        self.timings["memory_filled"] = at - self._t0
+        return self.timings["memory_filled"]

@@ -159,7 +159,7 @@ class RestoredProcess:
     pid: int
     snapshot: Snapshot
     timings: dict = field(default_factory=dict)
-    fill: Optional[Any] = field(default=None, repr=False)     # lazy restore: lazy_pages.Filler
+    fill: Optional[Any] = field(default=None, repr=False)     # lazy restore: lazy_pages.Fill
 
     def wait_filled(self, timeout: Optional[float] = None) -> float:
         """Lazy restore: wait until every page is in (seconds from the restore's start); 0.0 for an eager one."""
@@ -840,7 +840,7 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
     vfut = None
     run = None
     rpid: Optional[int] = None
-    daemon = filler = None                      # lazy restore (issue 12)
+    filler = None                               # lazy restore (issue 12)
 
     def check() -> None:
         """Raised out of CRIU's wait: a signal to dynsnap, or a pages file that failed verification."""
@@ -859,12 +859,6 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
 
     try:
         with _deferred_signals(sigstate):
-            if lazy:        # first: its start reads metadata only, which a cold disk serves late behind the pages
-                t0 = time.perf_counter()
-                daemon = lazy_pages.Daemon(criu, args, work, restore_entry())
-                daemon.ready()
-                timings["lazy_daemon_start"] = time.perf_counter() - t0
-                args += daemon.restore_args()
             if verify and staged is None:
                 def _verify() -> float:
                     t0 = time.perf_counter()
@@ -878,7 +872,8 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
             with thp_scope.ThpScope() if thp else contextlib.nullcontext() as scope:
                 if scope is not None:
                     timings["thp_always"] = float(scope.active)
-                run = criu.start_supervised(args, log=work / "restore.log", stage="restore", pid=pid,
+                start = lazy_pages.starter(criu, lazy, work, crit_timeout)     # criu.start_supervised unless lazy
+                run = start(args, log=work / "restore.log", stage="restore", pid=pid,
                                             inherit_stdin=bool(m.get("shell_job")) and os.isatty(0),
                                             journal=restore_entry())
                 try:
@@ -906,15 +901,12 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
                 ctree.unlock_all()
                 timings.update(ctree.timings)
             check()
-            if daemon is not None:      # the tree runs; the supervisor keeps it until every page is in
-                filler = lazy_pages.Filler(daemon, run, timeout=crit_timeout, log_limit=log_limit, t_start=t_start,
-                                           timings=timings, cleanup=lazy_pages.remove_workdir(work))
+            if lazy:        # the tree runs; its supervisor keeps it until every page is in, then releases it
+                filler = lazy_pages.Fill(run, t_start, timings)
             else:
                 run.release()
     except BaseException:
         cancel.set()
-        if daemon is not None:
-            daemon.kill()
         if run is not None:
             run.kill()                  # CRIU and every process it restored: none outlives a failed restore
         else:

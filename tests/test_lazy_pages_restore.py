@@ -3,6 +3,7 @@ pages are still being filled, writes during the fill kept, a dead fill daemon ne
 damaged snapshot never runs, the choice of mode and its errors."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -67,6 +68,15 @@ def _gone(pid: int, timeout: float = 10) -> bool:
     return False
 
 
+def _until(cond, timeout: float = 60) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return False
+
+
 def _criu_children() -> list[int]:
     """CRIU processes (restore or lazy-pages daemons) whose parent chain leads to this test run."""
     from dynsnap_core import proc
@@ -121,13 +131,20 @@ def test_lazy_restore_verified_is_default_and_exact(page_worker, tmp_path, home)
     sha_before = w.ask("sha")["sha256"]
     snap = ds.checkpoint(w.pid, tmp_path / "snap")
     w.reap_original()
-    r = cli("restore", snap.path)
+    r = cli("restore", snap.path)          # returns as soon as the tree runs
     assert r.returncode == 0, r.stderr
-    assert f"pid {w.pid} runs; filling its memory in the background" in r.stdout + r.stderr
-    assert "memory_filled" in r.stdout and "verify" in r.stdout
+    assert r.stdout.startswith(f"restored pid {w.pid} from {snap.path}; ") and "verify" in r.stdout, r.stdout
     assert w.ask("sha")["sha256"] == sha_before
     assert w.ask("check 3")["bad"] == 0
-    assert not _criu_children(), "the lazy-pages daemon exits once every page is in"
+    assert _until(lambda: not _criu_children()), "the lazy-pages daemon exits once every page is in"
+    assert _until(lambda: not list((home / "logs").glob("restore-*"))), "a complete fill removes its logs"
+    os.kill(w.pid, signal.SIGKILL)
+    assert _gone(w.pid)
+    r = cli("restore", "--wait-filled", "--json", snap.path)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["filling"] is False and out["memory_filled"] >= out["criu_restore_and_verify"] > 0
+    assert w.ask("sha")["sha256"] == sha_before
 
 
 def test_killed_daemon_kills_the_tree(page_worker, tmp_path, home):
@@ -139,8 +156,8 @@ def test_killed_daemon_kills_the_tree(page_worker, tmp_path, home):
     w.reap_original()
     r = ds.restore(snap.path, lazy=True, verify=False)
     os.kill(r.fill.daemon_pid, signal.SIGKILL)
-    with pytest.raises(ds.CriuError, match=r"lazy restore.*the restored tree was killed \(its memory was "
-                                           r"incomplete\)"):
+    with pytest.raises(ds.CriuError, match=r"CRIU's lazy-pages daemon ended \(killed\) before every page was in; "
+                                           r"the restored tree was killed \(its memory was incomplete\)"):
         r.wait_filled(timeout=60)
     assert _gone(w.pid), "a tree whose memory is incomplete must not keep running"
     assert not _criu_children()
