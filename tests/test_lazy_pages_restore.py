@@ -6,35 +6,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from helpers import HERE, cli, kill_proc, request_json, wait_ready
+from helpers import PageWorker, cli, kill_proc
 
 pytestmark = [pytest.mark.criu, pytest.mark.root, pytest.mark.timeout(240)]
-
-
-class PageWorker:
-    """tests/workloads/pagecheck.py: random memory with a CRC per page."""
-
-    def __init__(self, tmp: Path, mb: int):
-        self.sock, ready, log = tmp / "pc.sock", tmp / "pc.ready", tmp / "pc.log"
-        with open(log, "ab") as lf:
-            self.popen = subprocess.Popen([sys.executable, str(HERE / "workloads" / "pagecheck.py"), "--sock",
-                                           str(self.sock), "--ready", str(ready), "--mb", str(mb)],
-                                          stdin=subprocess.DEVNULL, stdout=lf, stderr=lf, start_new_session=True)
-        self.pid = self.popen.pid
-        wait_ready(self.popen, ready, log, "pagecheck workload failed to start")
-
-    def ask(self, what: str) -> dict:
-        return request_json(self.sock, what, timeout=120)
-
-    def reap_original(self) -> None:
-        self.popen.wait(timeout=30)
 
 
 @pytest.fixture

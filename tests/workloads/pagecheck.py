@@ -4,7 +4,8 @@ Usage: pagecheck.py --sock PATH --ready FILE --mb N. One request per connection,
 - ``check SEED``: every page, in an order shuffled by SEED (so that a lazy restore's faults come in no order the
   background fill follows), against its CRC-32 -> {"pages", "bad", "first_bad"};
 - ``write SEED K``: K pages picked by SEED get 8 new bytes each (their CRCs follow) -> {"ok"};
-- ``sha``: SHA-256 of the whole memory -> {"sha256"}.
+- ``sha``: SHA-256 of the whole memory -> {"sha256"};
+- ``ping``: a light answer that touches a few pages -> {"pid", "first"} (the first 8 bytes, hex).
 A page served wrong (zeros, stale or another page's bytes) shows as a bad CRC.
 """
 import argparse
@@ -58,6 +59,8 @@ while True:
             reply = check(int(words[1]))
         elif words[:1] == ["write"]:
             reply = write(int(words[1]), int(words[2]))
+        elif words[:1] == ["ping"]:
+            reply = {"pid": os.getpid(), "first": mem[:8].hex()}
         elif words[:1] == ["sha"]:
             reply = {"sha256": hashlib.sha256(view).hexdigest()}
         else:
