@@ -333,8 +333,9 @@ def find_criu(required: bool = True) -> Optional[Criu]:
         if on_path:
             candidates.append(on_path)
     too_old = []
+    from .probe_cache import cached_version
     for cand in candidates:
-        ver = _probe(cand)
+        ver = cached_version(cand, _probe)      # `criu --version` once per binary and boot (issue 12)
         if ver is None:
             if cand == env:
                 if required:
