@@ -136,17 +136,19 @@ class LazySupervised(Supervised):
         self.daemon_pid: Optional[int] = None
         self.filled_at: Optional[float] = None          # time.monotonic() of the supervisor's "filled"
         self.fill_status: Optional[int] = None          # None: filling; 0 filled; else the daemon's exit status
+        self._lock = threading.Lock()
 
     def poll(self) -> Optional[int]:
-        try:                    # the base class stops reading once CRIU's exit is known; the fill reports after it
-            while self.status is not None:
-                data = os.read(self._report, 4096)
-                if not data:
-                    break
-                self._buf += data
-        except OSError:         # nothing more now (EAGAIN), or closed
-            pass
-        status = super().poll()
+        with self._lock:
+            try:                # the base class stops reading once CRIU's exit is known; the fill reports after it
+                while self.status is not None and self._report >= 0:
+                    data = os.read(self._report, 4096)
+                    if not data:
+                        break
+                    self._buf += data
+            except OSError:     # nothing more now (EAGAIN)
+                pass
+            status = super().poll()
         for line in self._buf.decode(errors="replace").splitlines():
             word, _, rest = line.partition(" ")
             if word == "daemon" and rest.isdigit():
@@ -167,7 +169,14 @@ class LazySupervised(Supervised):
         self._settled = True
         os.write(self._control, b"handover\n")
         os.close(self._control)
-        threading.Thread(target=self._proc.wait, name="dynsnap-lazy-reap", daemon=True).start()
+        threading.Thread(target=self._reap, name="dynsnap-lazy-reap", daemon=True).start()
+
+    def _reap(self) -> None:
+        """Once the supervisor has ended: keep what it said last, close our end (no fd stays behind in a
+        long-running caller such as the agent that never asks)."""
+        self._proc.wait()
+        self.poll()
+        self.close()
 
     def wait_filled(self, timeout: Optional[float] = None) -> float:
         """Block until the supervisor says the fill ended; the monotonic time it ended. CriuError if it failed."""
@@ -183,7 +192,10 @@ class LazySupervised(Supervised):
                 break
             if end is not None and time.monotonic() > end:
                 raise TimeoutError("the lazy restore is still filling memory")
-            select.select([self._report], [], [], 0.05)
+            try:
+                select.select([self._report], [], [], 0.05)
+            except (OSError, ValueError):            # closed by the reaper meanwhile: its last words are read
+                time.sleep(0.01)
         if self.fill_status != 0:
             why = "killed" if self.fill_status < 0 else f"exit status {self.fill_status}"
             raise CriuError(f"CRIU's lazy-pages daemon ended ({why}) before every page was in; the restored tree "
@@ -192,10 +204,10 @@ class LazySupervised(Supervised):
         return self.filled_at or time.monotonic()
 
     def close(self) -> None:
-        try:
-            os.close(self._report)
-        except OSError:
-            pass
+        with self._lock:
+            if self._report >= 0:
+                os.close(self._report)
+                self._report = -1
 
 
 def starter(criu: Any, lazy: bool, work: Path, fill_timeout: float) -> Callable[..., Supervised]:

@@ -192,3 +192,18 @@ def test_resealed_damage_fails_cleanly_when_lazy(page_worker, tmp_path, home):
     assert r.returncode == 1 and r.stderr.count("\n") >= 1
     assert f"CRIU restore of pid {w.pid} failed: " in r.stderr and f"(log: {home}/logs/restore-" in r.stderr
     assert _gone(w.pid) and not _criu_children()
+
+
+def test_no_fd_or_process_left_when_nobody_waits(page_worker, tmp_path, home):
+    """A long-running caller (the agent) that never calls wait_filled keeps no descriptor of the fill: once the
+    supervisor is done, its report pipe is closed and the supervisor reaped; wait_filled still answers after."""
+    import dynsnap_core as ds
+    w = page_worker(32)
+    snap = ds.checkpoint(w.pid, tmp_path / "snap")
+    w.reap_original()
+    fds_before = set(os.listdir("/proc/self/fd"))
+    r = ds.restore(snap.path, lazy=True)
+    assert _until(lambda: r.fill.run._proc.returncode is not None)
+    assert _until(lambda: set(os.listdir("/proc/self/fd")) <= fds_before), "a descriptor of the fill stayed open"
+    assert r.wait_filled(timeout=60) > 0
+    assert w.ask("check 4")["bad"] == 0
