@@ -874,8 +874,7 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
                     timings["thp_always"] = float(scope.active)
                 start = lazy_pages.starter(criu, lazy, work, crit_timeout)     # criu.start_supervised unless lazy
                 run = start(args, log=work / "restore.log", stage="restore", pid=pid,
-                                            inherit_stdin=bool(m.get("shell_job")) and os.isatty(0),
-                                            journal=restore_entry())
+                            inherit_stdin=bool(m.get("shell_job")) and os.isatty(0), journal=restore_entry())
                 try:
                     timings["criu_restore"] = run.wait(timeout=crit_timeout, log_limit=log_limit, check=check)
                 except CriuError:

@@ -110,16 +110,26 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     stop = []
     signal.signal(signal.SIGTERM, lambda s, f: stop.append(s))
+    # CRIU writes the restored root's pid there once the tree exists: a tree CRIU finished after we died is found
+    pidfile = cmd[cmd.index("--pidfile") + 1] if "--pidfile" in cmd[:-1] else None
+    book = _Book(journal, pidfile)
     lazy = None
     if "--daemon" in opts:
         lazy = _Lazy(json.loads(opts["--daemon"]), opts["--daemon-socket"], float(opts.get("--fill-timeout", 3600)),
                      opts.get("--cleanup"))
-        if not lazy.start(control, report, stop):
+        try:
+            started = lazy.start(control, report, stop, book)
+        except BaseException:          # dynsnap gone (EPIPE on the report pipe), or anything else: nothing stays
+            started = False
+        if not started:
             kill_all()
+            book.close()
             return 1
     try:
         child = os.fork()
     except OSError as e:
+        kill_all()
+        book.close()
         os.write(report, f"error fork: {e.strerror}\n".encode())
         return 1
     if child == 0:
@@ -134,9 +144,6 @@ def main(argv: list[str]) -> int:
             os.write(2, f"cannot run {cmd[0]}: {e.strerror}\n".encode())
         os._exit(127)
     released = False
-    # CRIU writes the restored root's pid there once the tree exists: a tree CRIU finished after we died is found
-    pidfile = cmd[cmd.index("--pidfile") + 1] if "--pidfile" in cmd[:-1] else None
-    book = _Book(journal, pidfile)
     try:
         released = _serve(child, control, report, stop, book, lazy)
     finally:
@@ -248,7 +255,7 @@ class _Lazy:
         self.pid = 0
         self.status: int | None = None
 
-    def start(self, control: int, report: int, stop: list, timeout: float = 30.0) -> bool:
+    def start(self, control: int, report: int, stop: list, book: "_Book", timeout: float = 30.0) -> bool:
         """Fork the daemon and wait until it listens; False (reported) if it ends, times out or dynsnap says kill."""
         try:
             self.pid = os.fork()
@@ -265,6 +272,7 @@ class _Lazy:
             except OSError as e:
                 os.write(2, f"cannot run {self.argv[0]}: {e.strerror}\n".encode())
             os._exit(127)
+        book.update()                              # recorded: a supervisor killed from here on leaves no daemon
         _report(report, f"daemon {self.pid}")
         end = time.monotonic() + timeout
         while not os.path.exists(self.socket):
