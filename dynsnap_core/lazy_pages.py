@@ -16,7 +16,9 @@ How dynsnap keeps its guarantees on this path (dynsnap_core/snapshot.py ``restor
   listens). Until the tree runs, that supervisor kills everything when dynsnap fails or dies, as for an eager
   restore. Then dynsnap hands the tree over (``handover``) and may exit: the supervisor keeps the tree until the
   daemon exits 0 (all pages in), then leaves it to the system; a daemon that fails, is killed or outlives the
-  restore's time limit gets the tree killed.
+  restore's time limit gets the tree killed. Left open: the supervisor and the daemon both SIGKILLed during the
+  fill (one kill of their process group); the tree then runs with the missing pages zero until the next dynsnap
+  command, whose journal recovery kills it (it was recorded with its start time).
 - ``dynsnap restore`` returns as soon as the tree runs (``--wait-filled`` waits for the rest); in Python,
   ``RestoredProcess.wait_filled()`` does.
 
