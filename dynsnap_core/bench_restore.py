@@ -1,11 +1,13 @@
 """dynsnap bench restore: time from restore to first correct answer, our paths against plain CRIU, cold and warm.
 
 One run: a demo worker with N MiB of state is snapshotted once; then, with the page cache dropped (cold) or
-holding the images (warm), it is restored by dynsnap (its default: lazy where userfaultfd works, checksums
-verified in parallel with CRIU; eager; eager with THP; eager with the images copied and checked into tmpfs first;
-the `dynsnap restore` command itself, with Python's start and imports, returning once all memory is in) and by a
-plain `criu restore` of the same images (no verification: the baseline), each followed by a request whose answer
-must match the one given before the snapshot. "all memory": when a lazy restore's daemon had every page in. The disk's O_DIRECT read of the same images (dd, 16 MiB blocks) is the limit.
+holding the images (warm), or with only the images evicted (cold-images), it is restored by dynsnap (its default:
+lazy where userfaultfd works, checksums verified in parallel with CRIU; eager; eager with THP; eager with the
+images copied and checked into tmpfs first; the `dynsnap restore` command itself, with Python's start and imports,
+which returns as soon as the tree runs) and by a plain `criu restore` of the same images (no verification: the
+baseline), each followed by a request whose answer must match the one given before the snapshot. "all memory":
+when a lazy restore's daemon had every page in (not known for the command). The disk's O_DIRECT read of the same
+images (dd, 16 MiB blocks) is the limit.
 """
 from __future__ import annotations
 
@@ -122,11 +124,12 @@ def run(dir: Optional[str] = None, size_mb: int = 1024, repeat: int = 1,
                     t_restore = time.perf_counter() - t0
                     got = request(str(sock), "query 7")
                     t_answer = time.perf_counter() - t0
-                    filled = r.wait_filled() if r is not None and r.fill is not None else t_restore
                     lazy = r is not None and r.fill is not None
+                    filled = r.wait_filled() if lazy else (None if r is None and method.startswith("dynsnap")
+                                                           else t_restore)
                     _gone(pid)
                     row = {"cache": cache, "method": method, "restore_s": t_restore, "first_answer_s": t_answer,
-                           "all_memory_s": max(filled, t_restore), "lazy": lazy,
+                           "all_memory_s": None if filled is None else max(filled, t_restore), "lazy": lazy,
                            "phases": {k: v for k, v in (r.timings if r else {}).items() if k != "total"},
                            "ok": got == want, "gbps": snap.total_bytes / 1e9 / t_answer}
                     rows.append(row)
@@ -152,6 +155,8 @@ def format_table(res: dict) -> str:
            "|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         vl = f"{r['vs_limit']:.2f}" if r.get("vs_limit") else ""
+        mem = f"{r['all_memory_s']:.2f} s" if r.get("all_memory_s") is not None else ""
         out.append(f"| {r['cache']} | {r['method']}{' [lazy]' if r.get('lazy') else ''} | {r['restore_s']:.2f} s | "
-                   f"{r['first_answer_s']:.2f} s | {r['all_memory_s']:.2f} s | {r['gbps']:.2f} | {r['vs_baseline']:.2f}x | {vl} | {'yes' if r['ok'] else 'NO'} |")
+                   f"{r['first_answer_s']:.2f} s | {mem} | {r['gbps']:.2f} | {r['vs_baseline']:.2f}x | {vl} | "
+                   f"{'yes' if r['ok'] else 'NO'} |")
     return "\n".join(out)
