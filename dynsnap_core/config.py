@@ -42,6 +42,8 @@ SETTINGS = {s.name: s for s in (
     Setting("tmpfs", "DYNSNAP_TMPFS", None, "a tmpfs to stage dumps in before /dev/shm"),
     Setting("restore_prefetch", "DYNSNAP_RESTORE_PREFETCH", "pagecache", "how restore reads the images first"),
     Setting("restore_thp", "DYNSNAP_RESTORE_THP", "", "'always' restores with THP at always, 'off' (or empty) not"),
+    Setting("restore_lazy", "DYNSNAP_RESTORE_LAZY", "", "'on' or 'off' forces lazy restore either way (empty: "
+            "lazy where userfaultfd works, for snapshots without CUDA state)"),
     Setting("keep_logs", "DYNSNAP_KEEP_LOGS", None, "set (to anything) to keep restore's CRIU work directory"),
     Setting("criu", "DYNSNAP_CRIU", None, "the CRIU binary (then nothing else is tried)"),
     Setting("criu_timeout", "DYNSNAP_CRIU_TIMEOUT", None, "seconds a CRIU restore may run"),

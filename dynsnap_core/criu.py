@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import shutil
 import subprocess
 import sys
@@ -170,7 +171,7 @@ class Supervised:
     _SCRIPT = str(Path(__file__).with_name("supervise.py"))
 
     def __init__(self, criu: Criu, args: Sequence[str], *, log: Path, stage: str, pid: Optional[int],
-                 inherit_stdin: bool, journal: Optional[Path] = None):
+                 inherit_stdin: bool, journal: Optional[Path] = None, extra: Sequence[str] = ()):
         self.log, self.stage, self.pid = Path(log), stage, pid
         self.status: Optional[int] = None
         self.criu_pid: Optional[int] = None
@@ -179,8 +180,8 @@ class Supervised:
         self._report, report_w = os.pipe()
         os.set_blocking(self._report, False)
         cmd = [sys.executable, "-I", "-S", self._SCRIPT, "--control", str(control_r), "--report", str(report_w),
-               *(["--journal", str(journal)] if journal is not None else []), "--", criu.path, *args, "-o", str(log),
-               "-v4"]
+               *(["--journal", str(journal)] if journal is not None else []), *extra,     # extra: lazy_pages.py
+               "--", criu.path, *args, "-o", str(log), "-v4"]
         try:
             with open(self._out, "wb") as out:
                 self._proc = subprocess.Popen(
@@ -255,7 +256,7 @@ class Supervised:
                     overrun = f"it did not finish within {timeout:.0f} s"
                 if overrun:
                     break
-                time.sleep(interval)
+                select.select([self._report], [], [], interval)    # wakes as soon as the supervisor reports
         except BaseException:
             self.kill()
             raise
@@ -333,8 +334,9 @@ def find_criu(required: bool = True) -> Optional[Criu]:
         if on_path:
             candidates.append(on_path)
     too_old = []
+    from .probe_cache import cached_version
     for cand in candidates:
-        ver = _probe(cand)
+        ver = cached_version(cand, _probe)      # `criu --version` once per binary and boot (issue 12)
         if ver is None:
             if cand == env:
                 if required:

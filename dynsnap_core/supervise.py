@@ -12,6 +12,12 @@ So no CRIU and no half-restored process outlives a restore that did not complete
 ``--journal`` it also keeps a record of every process below it (pid and start time), so that if it is killed
 together with dynsnap, the next dynsnap command kills those (dynsnap_core.journal.recover).
 SIGINT and SIGHUP are ignored (a Ctrl-C is dynsnap's to handle); SIGTERM means ``kill``.
+
+Lazy restore (dynsnap_core/lazy_pages.py): with ``--daemon JSON_ARGV --daemon-socket PATH`` it first starts CRIU's
+lazy-pages daemon and starts CRIU only once the daemon listens (reported as ``daemon PID``); a third control word,
+``handover``, means: the tree runs, dynsnap may go; keep the tree until the daemon has every page in, then
+release it (``filled``, and remove ``--cleanup DIR``), or kill it and everything else if the daemon fails or
+outlives ``--fill-timeout`` seconds (``fill-failed STATUS``): a page the daemon never copied would read as zeros.
 """
 from __future__ import annotations
 
@@ -81,11 +87,17 @@ def kill_all(deadline_s: float = 30.0) -> None:
         time.sleep(0.005)
 
 
+_OPTIONS = ("--journal", "--daemon", "--daemon-socket", "--fill-timeout", "--cleanup")
+
+
 def main(argv: list[str]) -> int:
-    journal = None
-    if len(argv) > 6 and argv[4] == "--journal":
-        journal = argv[5]
-        argv = argv[:4] + argv[6:]
+    opts: dict[str, str] = {}
+    rest = argv[4:]
+    while len(rest) >= 2 and rest[0] in _OPTIONS:
+        opts[rest[0]] = rest[1]
+        rest = rest[2:]
+    argv = argv[:4] + rest
+    journal = opts.get("--journal")
     if len(argv) < 6 or argv[0] != "--control" or argv[2] != "--report" or argv[4] != "--":
         sys.stderr.write("usage: supervise.py --control FD --report FD [--journal PATH] -- CMD [ARG ...]\n")
         return 2
@@ -98,9 +110,26 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     stop = []
     signal.signal(signal.SIGTERM, lambda s, f: stop.append(s))
+    # CRIU writes the restored root's pid there once the tree exists: a tree CRIU finished after we died is found
+    pidfile = cmd[cmd.index("--pidfile") + 1] if "--pidfile" in cmd[:-1] else None
+    book = _Book(journal, pidfile)
+    lazy = None
+    if "--daemon" in opts:
+        lazy = _Lazy(json.loads(opts["--daemon"]), opts["--daemon-socket"], float(opts.get("--fill-timeout", 3600)),
+                     opts.get("--cleanup"))
+        try:
+            started = lazy.start(control, report, stop, book)
+        except BaseException:          # dynsnap gone (EPIPE on the report pipe), or anything else: nothing stays
+            started = False
+        if not started:
+            kill_all()
+            book.close()
+            return 1
     try:
         child = os.fork()
     except OSError as e:
+        kill_all()
+        book.close()
         os.write(report, f"error fork: {e.strerror}\n".encode())
         return 1
     if child == 0:
@@ -115,11 +144,8 @@ def main(argv: list[str]) -> int:
             os.write(2, f"cannot run {cmd[0]}: {e.strerror}\n".encode())
         os._exit(127)
     released = False
-    # CRIU writes the restored root's pid there once the tree exists: a tree CRIU finished after we died is found
-    pidfile = cmd[cmd.index("--pidfile") + 1] if "--pidfile" in cmd[:-1] else None
-    book = _Book(journal, pidfile)
     try:
-        released = _serve(child, control, report, stop, book)
+        released = _serve(child, control, report, stop, book, lazy)
     finally:
         if not released:               # whatever went wrong here (dynsnap gone: EPIPE), nothing may outlive us
             kill_all()
@@ -180,10 +206,14 @@ def _report(fd: int, line: str) -> None:
     os.write(fd, line.encode() + b"\n")           # EPIPE once dynsnap is gone: the caller kills everything
 
 
-def _serve(child: int, control: int, report: int, stop: list, book: "_Book") -> bool:
-    """Report CRIU's end, obey the control word; True only for ``release``."""
+def _serve(child: int, control: int, report: int, stop: list, book: "_Book", lazy: "_Lazy | None" = None) -> bool:
+    """Report CRIU's end, obey the control word; True only for ``release`` (or ``handover`` and a complete fill)."""
     _report(report, f"started {child}")
     criu_done = False
+    try:                                   # readable when CRIU exits: its end is reported at once, not at the next tick
+        exited = [os.pidfd_open(child)]
+    except (AttributeError, OSError):
+        exited = []
     buf = b""
     while True:
         if stop:
@@ -197,19 +227,111 @@ def _serve(child: int, control: int, report: int, stop: list, book: "_Book") -> 
             if pid == child:
                 criu_done = True
                 _report(report, f"exit {os.waitstatus_to_exitcode(status)}")
+                for fd in exited:
+                    os.close(fd)
+                exited = []
         try:
-            ready, _, _ = select.select([control], [], [], 0.02)
+            ready, _, _ = select.select([control, *exited], [], [], 0.02)
         except InterruptedError:
             continue
-        if ready:
+        if control in ready:
             data = os.read(control, 64)
             if not data:                       # dynsnap is gone without a word: nothing it restored may stay
                 return False
             buf += data
             if b"kill" in buf:
                 return False
+            if lazy is not None and b"handover" in buf:
+                return lazy.until_filled(control, report, stop, book)
             if b"release" in buf:
                 return True
+
+
+class _Lazy:
+    """CRIU's lazy-pages daemon for one restore: started before CRIU, watched until it has copied every page."""
+
+    def __init__(self, argv: list, socket_path: str, fill_timeout: float, cleanup: str | None):
+        self.argv, self.socket, self.fill_timeout, self.cleanup = argv, socket_path, fill_timeout, cleanup
+        self.pid = 0
+        self.status: int | None = None
+
+    def start(self, control: int, report: int, stop: list, book: "_Book", timeout: float = 30.0) -> bool:
+        """Fork the daemon and wait until it listens; False (reported) if it ends, times out or dynsnap says kill."""
+        try:
+            self.pid = os.fork()
+        except OSError as e:
+            os.write(report, f"error fork: {e.strerror}\n".encode())
+            return False
+        if self.pid == 0:
+            try:
+                os.close(control)
+                os.close(report)
+                for s in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+                    signal.signal(s, signal.SIG_DFL)
+                os.execv(self.argv[0], self.argv)
+            except OSError as e:
+                os.write(2, f"cannot run {self.argv[0]}: {e.strerror}\n".encode())
+            os._exit(127)
+        book.update()                              # recorded: a supervisor killed from here on leaves no daemon
+        _report(report, f"daemon {self.pid}")
+        end = time.monotonic() + timeout
+        while not os.path.exists(self.socket):
+            if stop or self.poll() is not None or time.monotonic() > end:
+                _report(report, f"fill-failed {self.status if self.status is not None else -1}")
+                return False
+            ready, _, _ = select.select([control], [], [], 0.001)
+            if ready and os.read(control, 64) in (b"", b"kill\n"):
+                return False
+        return True
+
+    def poll(self) -> int | None:
+        if self.status is None and self.pid:
+            try:
+                pid, st = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                pid, st = self.pid, 255 << 8
+            if pid == self.pid:
+                self.status = os.waitstatus_to_exitcode(st)
+        return self.status
+
+    def until_filled(self, control: int, report: int, stop: list, book: "_Book") -> bool:
+        """After ``handover``: dynsnap may exit (its end of the control pipe closing means nothing now); True once
+        the daemon exited 0, False (everything killed by the caller) if it failed, was killed or ran too long."""
+        try:
+            fds = [os.pidfd_open(self.pid)]
+        except (AttributeError, OSError):
+            fds = []
+        watch = [control]
+        end = time.monotonic() + self.fill_timeout
+        while self.poll() is None:
+            if stop or time.monotonic() > end:
+                break
+            book.update()
+            try:
+                ready, _, _ = select.select(watch + fds, [], [], 0.05)
+            except InterruptedError:
+                continue
+            if control in ready:
+                try:
+                    if not os.read(control, 64):
+                        watch = []                  # dynsnap has gone, as it may now
+                except OSError:
+                    watch = []
+        for fd in fds:
+            os.close(fd)
+        ok = self.status == 0
+        try:
+            _report(report, f"filled {time.monotonic()}" if ok else
+                    f"fill-failed {self.status if self.status is not None else -1}")
+        except OSError:
+            pass                                   # nobody listens any more
+        if not ok:
+            sys.stderr.write(f"supervise: CRIU's lazy-pages daemon ended with {self.status} before every page was "
+                             "in; killing the restored tree\n")
+        elif self.cleanup:
+            import shutil
+            shutil.rmtree(self.cleanup, ignore_errors=True)
+        return ok
 
 
 if __name__ == "__main__":

@@ -125,3 +125,22 @@ def fail_line(r: subprocess.CompletedProcess, cmd: str) -> str:
     assert len(lines) == 1, r.stderr
     assert lines[0].startswith(f"dynsnap {cmd}: "), r.stderr
     return lines[0][len(f"dynsnap {cmd}: "):]
+
+
+class PageWorker:
+    """tests/workloads/pagecheck.py: random memory with a CRC per page (lazy restore and the restore benchmark)."""
+
+    def __init__(self, tmp: Path, mb: int):
+        self.sock, ready, log = tmp / "pc.sock", tmp / "pc.ready", tmp / "pc.log"
+        with open(log, "ab") as lf:
+            self.popen = subprocess.Popen([sys.executable, str(HERE / "workloads" / "pagecheck.py"), "--sock",
+                                           str(self.sock), "--ready", str(ready), "--mb", str(mb)],
+                                          stdin=subprocess.DEVNULL, stdout=lf, stderr=lf, start_new_session=True)
+        self.pid = self.popen.pid
+        wait_ready(self.popen, ready, log, "pagecheck workload failed to start")
+
+    def ask(self, what: str) -> dict:
+        return request_json(self.sock, what, timeout=120)
+
+    def reap_original(self) -> None:
+        self.popen.wait(timeout=30)

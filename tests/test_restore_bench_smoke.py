@@ -11,7 +11,7 @@ pytestmark = pytest.mark.criu
 def test_bench_restore_smoke(home):
     res = bench_restore.run(size_mb=16)
     methods = [(r["cache"], r["method"]) for r in res["rows"]]
-    caches = ["cold", "warm"] if res["disk_read_gbps"] else ["warm"]
+    caches = ["cold", "cold-images", "warm"] if res["disk_read_gbps"] else ["cold-images", "warm"]
     assert methods == [(c, m) for c in caches for m in bench_restore.METHODS]
     assert all(r["ok"] for r in res["rows"]), res["rows"]
     assert all(r["first_answer_s"] >= r["restore_s"] > 0 for r in res["rows"])

@@ -57,6 +57,13 @@ def assert_nothing_left(snapshot: Path, pid: int) -> None:
     assert wait_until(lambda: gone(pid)), f"half-restored pid {pid} left behind"
 
 
+@pytest.fixture(autouse=True)
+def eager(monkeypatch):
+    """These tests make CRIU loop while it copies pages in, which only an eager restore does (a lazy one leaves the
+    pages to its daemon and fails at once; tests/test_lazy_pages_restore.py covers that)."""
+    monkeypatch.setenv("DYNSNAP_RESTORE_LAZY", "off")
+
+
 @pytest.fixture
 def snapshot(workload, tmp_path, home):
     w = workload("--mem-mb", "8")

@@ -43,12 +43,18 @@ ROWS = [("stock criu + driver, KV kept", "setsid", False, "stock"),
         ("dynsnap, KV kept", "run", False, "dynsnap"),
         ("dynsnap, KV released", "run", True, "dynsnap"),
         ("dynsnap, KV released, --thp", "run", True, "dynsnap-thp"),
+        ("dynsnap, KV released, --no-lazy", "run", True, "dynsnap-eager"),
+        ("dynsnap, KV released, --lazy", "run", True, "dynsnap-lazy"),
         # the worker maps its weights from the GPU memory service and keeps its KV pool in a releasable region;
         # dynsnap checkpoint/restore quiesce and resume it through its agent (no request from the bench)
         ("dynsnap, GPU memory service", "run", True, "dynsnap-gms")]
 # short names for --rows
 ROW_KEYS = {"stock-kept": ROWS[0][0], "stock-freed": ROWS[1][0], "dynsnap-kept": ROWS[2][0],
-            "dynsnap-released": ROWS[3][0], "dynsnap-thp": ROWS[4][0], "gms": ROWS[5][0]}
+            "dynsnap-released": ROWS[3][0], "dynsnap-thp": ROWS[4][0], "dynsnap-eager": ROWS[5][0],
+            "dynsnap-lazy": ROWS[6][0], "gms": ROWS[7][0]}
+# restore() keywords per dynsnap tool (the default restore is lazy on CPU snapshots, eager with CUDA state)
+_RESTORE_KW = {"dynsnap": {}, "dynsnap-thp": {"thp": True}, "dynsnap-eager": {"lazy": False},
+               "dynsnap-lazy": {"lazy": True}, "dynsnap-gms": {}}
 
 
 def _request(sock: str, req: dict, timeout: float = 600) -> dict:
@@ -257,8 +263,8 @@ def _row(r: _Run, name: str, how: str, release: bool, tool: str, ref: list[int],
         if tool == "stock":
             rpid, phases = _stock_restore(r, where, cuda_pids, cache)
         else:
-            rp = snapshot.restore(where, thp=tool == "dynsnap-thp")
-            rpid, phases = rp.pid, {k: v for k, v in rp.timings.items() if k != "total"}
+            rp = snapshot.restore(where, **_RESTORE_KW[tool])
+            rpid, phases = rp.pid, rp.timings       # a lazy restore adds memory_filled below
             r.owned.append(rpid)
         t_restore = time.perf_counter() - t0
         t1 = time.perf_counter()
@@ -268,6 +274,11 @@ def _row(r: _Run, name: str, how: str, release: bool, tool: str, ref: list[int],
         t1 = time.perf_counter()
         rep = _request(sock, {"op": "generate", "tokens": _prompt(), "max_new": r.max_new})
         t_first = time.perf_counter() - t1
+        if tool != "stock" and rp.fill is not None:
+            rp.wait_filled()                  # memory_filled: seconds from the restore's start to every page in
+            phases = {k: v for k, v in rp.timings.items() if k != "total"}
+        elif tool != "stock":
+            phases = {k: v for k, v in phases.items() if k != "total"}
         rows.append({"row": name, "cache": cache, "tool": tool.split("-")[0], "kv_released": release, "gms": gms,
                      "checkpoint_s": ck_s, "checkpoint_phases": ck_t, "image_bytes": image,
                      "released_bytes": released, "gpu_bytes_before": before.get("allocated", 0),

@@ -94,6 +94,8 @@ def cmd_restore(a) -> int:
         kw = dict(verify=not a.no_verify, device_map=_parse_device_map(a.device_map), progress=rep.update)
         if a.thp:
             kw["thp"] = True
+        if a.lazy is not None:
+            kw["lazy"] = a.lazy
         if a.memsvc:
             from ..snapshot.regions import restore_with_regions
             r = restore_with_regions(a.dir, service=a.memsvc, store=a.weights_store, **kw)
@@ -103,10 +105,16 @@ def cmd_restore(a) -> int:
                 from ..storage import fetch
                 src = fetch(src, progress=rep.update)
             r = restore(src, **kw)
+        if r.fill is not None and a.wait_filled:
+            r.wait_filled()
+    filling = r.fill is not None and not r.fill.done()
     if a.json:
-        _emit_json({"pid": r.pid, "snapshot": str(r.snapshot.path), "timings": r.timings, **r.timings})
+        _emit_json({"pid": r.pid, "snapshot": str(r.snapshot.path), "timings": r.timings, **r.timings,
+                    "filling": filling})
     else:
-        print(f"restored pid {r.pid} from {r.snapshot.path}; {_fmt_timings(r.timings)}")
+        print(f"restored pid {r.pid} from {r.snapshot.path}; {_fmt_timings(r.timings)}"
+              + ("; its memory is still being filled in the background (supervised: the tree is killed if "
+                 "that fails)" if filling else ""))
     return 0
 
 
@@ -340,6 +348,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--thp", action="store_true",
                    help="set the host's transparent huge pages to 'always' while CRIU restores (host-wide; put back "
                         "after; also DYNSNAP_RESTORE_THP=always)")
+    s.add_argument("--lazy", action=argparse.BooleanOptionalAction, default=None,
+                   help="let the tree run before its memory is in place; CRIU's lazy-pages daemon fills it over "
+                        "userfaultfd, pages it touches first (default: lazy where the kernel supports it, for "
+                        "snapshots without GPU state; DYNSNAP_RESTORE_LAZY=on|off); the command returns as soon as "
+                        "the tree runs")
+    s.add_argument("--wait-filled", action="store_true",
+                   help="lazy restore: return only once every page of the restored memory is in")
     s.add_argument("--device-map", help="GPU remap OLD_UUID=NEW_UUID,...")
     s.add_argument("--memsvc", metavar="SOCKET", help="memory service that loads the snapshot's regions meanwhile")
     s.add_argument("--weights-store", help="weight directory (default: the one recorded in the snapshot)")

@@ -12,9 +12,9 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
-from .. import criu_images, thp_scope
+from .. import criu_images, lazy_pages, thp_scope
 from . import manifest as mf
 from . import verify as sv
 from .. import config, proc
@@ -75,6 +75,11 @@ class RestoredProcess:
     pid: int
     snapshot: Snapshot
     timings: dict = field(default_factory=dict)
+    fill: Optional[Any] = field(default=None, repr=False)     # lazy restore: lazy_pages.Fill
+
+    def wait_filled(self, timeout: Optional[float] = None) -> float:
+        """Lazy restore: wait until every page is in (seconds from the restore's start); 0.0 for an eager one."""
+        return self.fill.wait(timeout) if self.fill is not None else 0.0
 
     def alive(self) -> bool:
         return proc.exists(self.pid)
@@ -144,7 +149,7 @@ def _prefetch_tmpfs(snap: Snapshot, engine: str, verify: bool) -> tuple[Path, fl
 def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optional[dict] = None,
             progress: Progress = None, engine: str = "auto", verify_threads: int = 4,
             prefetch: Optional[str] = None, log_dir: Optional[Path] = None,
-            thp: Optional[bool] = None) -> RestoredProcess:
+            thp: Optional[bool] = None, lazy: Optional[bool] = None) -> RestoredProcess:
     """Verify a snapshot and bring its process tree back (detached); return the restored root.
 
     ``thp`` (default: ``$DYNSNAP_RESTORE_THP`` is ``always``) sets the host's transparent huge pages to `always`
@@ -162,6 +167,10 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
     ``prefetch`` (default ``$DYNSNAP_RESTORE_PREFETCH`` or ``pagecache``): ``pagecache`` is the overlapped
     path above; ``tmpfs`` first copies and checks the images into tmpfs with the C engine, then CRIU
     restores from memory (``dynsnap bench restore`` measures both; page cache was faster, see RESULTS.md).
+
+    ``lazy`` (default: on where userfaultfd works, for snapshots without CUDA state; ``$DYNSNAP_RESTORE_LAZY``):
+    CRIU's lazy-pages daemon fills the memory while the tree runs; the tree is still continued only after every
+    checksum matched, and is killed if the fill fails (dynsnap_core/lazy_pages.py). ``RestoredProcess.wait_filled``.
     """
     import concurrent.futures as cf
     import threading
@@ -201,6 +210,7 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
     from ..gms import wiring
     gms_prep = wiring.before_restore(m["gms"]) if m.get("gms") else None
     sv.check_closed(snap.path, m)
+    lazy = lazy_pages.choose(lazy, criu, m, prefetch, thp)      # dynsnap_core/lazy_pages.py
     crit_timeout, log_limit = run_limits(m["total_bytes"])
     pid = m["root_pid"]
     # a tree that had a pid namespace of its own gets a fresh one: the node's pids do not matter
@@ -270,6 +280,7 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
     vfut = None
     run = None
     rpid: Optional[int] = None
+    filler = None                               # lazy restore (issue 12)
 
     def check() -> None:
         """Raised out of CRIU's wait: a signal to dynsnap, or a pages file that failed verification."""
@@ -301,9 +312,9 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
             with thp_scope.ThpScope() if thp else contextlib.nullcontext() as scope:
                 if scope is not None:
                     timings["thp_always"] = float(scope.active)
-                run = criu.start_supervised(args, log=work / "restore.log", stage="restore", pid=pid,
-                                            inherit_stdin=bool(m.get("shell_job")) and os.isatty(0),
-                                            journal=restore_entry())
+                start = lazy_pages.starter(criu, lazy, work, crit_timeout)     # criu.start_supervised unless lazy
+                run = start(args, log=work / "restore.log", stage="restore", pid=pid,
+                            inherit_stdin=bool(m.get("shell_job")) and os.isatty(0), journal=restore_entry())
                 try:
                     timings["criu_restore"] = run.wait(timeout=crit_timeout, log_limit=log_limit, check=check)
                 except CriuError:
@@ -334,7 +345,10 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
                     progress("resume", 0, 1)
                 timings.update(wiring.flat_timings(wiring.after_restore(m["gms"], gms_prep, renamed)))
             check()
-            run.release()
+            if lazy:        # the tree runs; its supervisor keeps it until every page is in, then releases it
+                filler = lazy_pages.Fill(run, t_start, timings)
+            else:
+                run.release()
     except BaseException:
         cancel.set()
         if run is not None:
@@ -348,9 +362,9 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
         if staged is not None:
             shutil.rmtree(staged, ignore_errors=True)
     timings["total"] = time.perf_counter() - t_start
-    if config.get("keep_logs") is None:
+    if config.get("keep_logs") is None and filler is None:
         shutil.rmtree(work, ignore_errors=True)
-    return RestoredProcess(rpid, snap, timings)
+    return RestoredProcess(rpid, snap, timings, fill=filler)
 
 
 def _restore_workdir(log_dir: Path) -> Path:
