@@ -35,6 +35,7 @@ class Stage(str, enum.Enum):
     VERIFY = "verify"
     RESTORE = "restore"
     GPU_RESTORE = "gpu restore"
+    LAZY_RESTORE = "lazy restore"
     MEMFD_CREATE = "memfd create"
     MEMFD_DUMP = "memfd dump"
     MEMFD_RESTORE = "memfd restore"

@@ -56,7 +56,7 @@ def _gone(pid: int, timeout: float = 10) -> bool:
 @pytest.mark.parametrize("cache, method", [("warm", "dynsnap"), ("warm", "criu"), ("cold", "dynsnap"),
                                            ("cold", "criu")])
 def test_restore_to_first_answer(benchmark, snapshot, cache, method, capsys):
-    from dynsnap_core import benchutil
+    from dynsnap_core.bench import util as benchutil
     from dynsnap_core.criu import find_criu
     from dynsnap_core.snapshot import restore
     w, snap, want = snapshot
