@@ -175,7 +175,7 @@ import json, sys
 from dynsnap_core.bench import e2e as bench_e2e
 res = json.load(open(sys.argv[1]))
 print(bench_e2e.format_table(res))
-sys.exit(0 if all(r["tokens_match"] for r in res["rows"]) else 1)
+sys.exit(0 if all(r.get("tokens_match") for r in res["rows"]) else 1)
 PYEOF
     cat "$OUT/bench-e2e.txt"
     note "bench e2e: rc $rc_e2e, $E2E_MODEL, $OUT/bench-e2e.txt, $OUT/e2e-$E2E_MODEL.png"

@@ -121,7 +121,7 @@ class _Run:
             for x in c.status().get("sets", []):
                 while True:
                     try:
-                        c.request("evict", set=x["set"])
+                        c.request("evict", set=x["name"])
                         break
                     except GmsError as e:      # the killed worker's hold drops when the service sees it go
                         if e.code != "held" or time.monotonic() > end:
@@ -345,7 +345,14 @@ def run(model: str = "qwen3-0.6b", device: str = "cuda:0", kv_gb: Optional[float
                 continue
             if tool == "dynsnap-gms" and not r.cuda:
                 continue                      # the GPU memory service holds GPU memory: no row on the CPU
-            res["rows"] += _row(r, name, how, release, tool, ref, caches)
+            try:
+                res["rows"] += _row(r, name, how, release, tool, ref, caches)
+            except DynsnapError as e:         # one row's failure is reported; the other rows still run
+                say(f"{name}: FAILED: {e}")
+                res["rows"].append({"row": name, "tool": tool.split("-")[0], "error": str(e)})
+                for pid in list(r.owned):
+                    if proc.exists(pid):
+                        r.kill(pid)
             r.rows_seen = res["rows"]
         res["limits"] = _limits(r, cold)
         _lower_bounds(res)
@@ -359,7 +366,7 @@ def _limits(r: _Run, cold: bool) -> dict:
     """Read bandwidth of a scratch file the size of the largest image: from the page cache (all cores) and, as
     root, from the disk with O_DIRECT (the C engine, the fastest way this machine reads a file)."""
     from .. import io as dio
-    size = max([x["image_bytes"] for x in r.rows_seen] or [256 << 20])
+    size = max([x["image_bytes"] for x in r.rows_seen if "image_bytes" in x] or [256 << 20])
     path = os.path.join(r.work, "limit.bin")
     dio.write_buffers(path, [os.urandom(1 << 20)] * max(1, size >> 20))
     out: dict = {"bytes": os.path.getsize(path)}
@@ -403,7 +410,7 @@ def _lower_bounds(res: dict) -> None:
     """Per row: the least restore -> first answer could take on this machine, from this run's limits: reading the
     image once (page cache warm, disk cold) plus one generation on a warm worker. No process start, no GPU copy."""
     lim, gen = res.get("limits", {}), res.get("cold_start", {}).get("warm_generation_s", 0.0)
-    for x in res["rows"]:
+    for x in [x for x in res["rows"] if "error" not in x]:
         rate = lim.get("pagecache_read_gbps") if x["cache"] == "warm" else lim.get("disk_read_gbps")
         if rate:
             x["lower_bound_s"] = x["image_bytes"] / (rate * 1e9) + gen
@@ -422,8 +429,12 @@ def format_table(res: dict) -> str:
              f"{cs.get('warm_generation_s', 0):.3f} s",
              f"{'row':<32} {'cache':<5} {'ckpt s':>7} {'image GiB':>9} {'restore s':>9} {'1st gen s':>9} "
              f"{'answer s':>8} {'vs stock':>8} {'bound s':>8} same"]
-    stock = {(x["cache"], x["kv_released"]): x["first_answer_s"] for x in res["rows"] if x["tool"] == "stock"}
+    stock = {(x["cache"], x["kv_released"]): x["first_answer_s"] for x in res["rows"]
+             if x["tool"] == "stock" and "error" not in x}
     for x in res["rows"]:
+        if "error" in x:
+            lines.append(f"{x['row']:<32} FAILED: {x['error']}")
+            continue
         b = stock.get((x["cache"], x["kv_released"]))
         ratio = f"{b / x['first_answer_s']:.2f}x" if b else "-"
         bound = f"{x['lower_bound_s']:.2f}" if x.get("lower_bound_s") else "-"
@@ -441,7 +452,7 @@ def plot(res: dict, path: str) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         raise DynsnapError("--plot needs matplotlib (pip install matplotlib)", stage="bench") from None
-    rows = res["rows"]
+    rows = [x for x in res["rows"] if "error" not in x]
     labels = [f"{x['row']}\n({x['cache']})" for x in rows]
     parts = {"restore": [x["restore_s"] for x in rows], "resume hook": [x["resume_s"] for x in rows],
              "first generation": [x["first_generation_s"] for x in rows]}
