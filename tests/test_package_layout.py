@@ -10,7 +10,7 @@ import dynsnap_core
 PKG = Path(dynsnap_core.__file__).parent
 #: Modules every other module may import; each imports nothing from dynsnap_core but the modules listed with it.
 BOTTOM = {"errors": set(), "config": set(), "formats": set(), "durable": set(), "units": set(), "_version": set(),
-          "hugepages": set(), "_lib": set()}
+          "hugepages": set(), "_lib": set(), "once": set(), "unixsock": {"config"}}
 
 
 def _modules() -> dict[str, tuple[Path, bool]]:

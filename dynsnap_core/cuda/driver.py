@@ -26,6 +26,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
 
 from ..errors import (CudaError, CudaNotCudaProcess, CudaStateError, CudaTimeout, CudaUnavailable,
                      DynsnapError, InvalidTarget, ProcessNotFound)
+from ..once import once
 
 __all__ = [
     "is_available", "driver_info", "CudaState", "state", "restore_thread_id", "lock", "checkpoint",
@@ -65,7 +66,6 @@ class CudaState(enum.Enum):
 # loading and probing
 
 _lock = threading.Lock()
-_probe: Optional[dict] = None        # cached driver_info() plus private keys
 _initialized = False                 # cuInit(0) done in this process
 
 
@@ -140,12 +140,10 @@ def _fmt_version(v: Optional[int]) -> str:
     return f"{v // 1000}.{(v % 1000) // 10}"
 
 
+@once
 def _get_probe() -> dict:
-    global _probe
-    with _lock:
-        if _probe is None:
-            _probe = _do_probe()
-        return _probe
+    """driver_info() plus private keys, probed once per process."""
+    return _do_probe()
 
 
 def is_available() -> bool:

@@ -33,6 +33,7 @@ import time
 from typing import Any, Callable, Optional
 
 from .. import config
+from ..once import once
 from . import protocol as P
 
 __all__ = ["Agent", "default", "start", "register", "track", "run_dir", "agent_file", "PREFIX"]
@@ -249,17 +250,10 @@ def _sync(regs: list) -> None:
         vmm.synchronize(dev)
 
 
-_default: Optional[Agent] = None
-_default_lock = threading.Lock()
-
-
+@once
 def default() -> Agent:
     """This process's agent (created on first use; started by :func:`start`)."""
-    global _default
-    with _default_lock:
-        if _default is None:
-            _default = Agent()
-        return _default
+    return Agent()
 
 
 def start() -> str:

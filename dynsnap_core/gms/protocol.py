@@ -24,18 +24,15 @@ holds are dropped.
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
 import socket
-import stat
 import struct
-import tempfile
 import time
 from typing import Any, Optional, Sequence
 
-from .. import config
+from .. import config, unixsock
 from ..errors import DynsnapError
 
 __all__ = ["VERSION", "MAX_REQUEST", "MAX_REPLY", "OPS", "GmsError", "ProtocolError", "send", "recv",
@@ -191,82 +188,32 @@ def drain(conn: socket.socket, limit: int = 1 << 20, seconds: float = 1.0) -> No
 def peer_refusal(conn: socket.socket) -> Optional[str]:
     """Why the peer of ``conn`` may not use the service (SO_PEERCRED, set by the kernel), or None: only root
     and the service's own user may."""
-    from ..memsvc import _peer_cred
-    try:
-        pid, uid, _gid = _peer_cred(conn)
-    except OSError as e:
-        return f"cannot read the peer's credentials: {e.strerror}"
-    if uid == 0 or uid == os.geteuid():
-        return None
-    return f"uid {uid} (pid {pid}) may not use this GPU memory service (only root and uid {os.geteuid()} may)"
+    return unixsock.peer_refusal(conn, lambda uid, pid: f"uid {uid} (pid {pid}) may not use this GPU memory service "
+                                                        f"(only root and uid {os.geteuid()} may)")
 
 
 def bind_private(path: str) -> tuple[socket.socket, tuple[int, int]]:
-    """A listening SOCK_STREAM socket at ``path``, private by construction (the same scheme as the host
-    memory service): bound inside a fresh 0700 directory, chmod 0600 there, then hard-linked into place, which
-    never replaces anything. A stale socket at the path is removed; a live one or a non-socket is refused.
+    """A listening SOCK_STREAM socket at ``path``, private by construction (the scheme of the host memory
+    service, :func:`dynsnap_core.unixsock.bind_private`): bound inside a fresh 0700 directory, chmod 0600 there,
+    then hard-linked into place, which never replaces anything; the directory of ``path`` is created if missing.
+    A stale socket at the path is removed; a live one or a non-socket is refused (GmsError).
     Returns (socket, (st_dev, st_ino)) so the owner later unlinks only its own socket."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        st = None
-    if st is not None:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise GmsError(f"{path} exists and is not a socket; refusing to replace it (choose another --socket)",
-                           code="exists", path=path)
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-            live = True
-        except OSError:
-            live = False
-        finally:
-            probe.close()
-        if live:
-            raise GmsError(f"another GPU memory service is serving at {path}", code="exists", path=path)
-        os.unlink(path)
-    parent = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(parent, mode=0o755, exist_ok=True)
-    except OSError as e:
-        raise GmsError(f"cannot create the socket directory {parent}: {e.strerror}", code="internal",
-                       path=parent, errno=e.errno) from None
-    tmpdir = tempfile.mkdtemp(prefix=".gms-", dir=parent)
-    tmp = os.path.join(tmpdir, "s")
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.bind(tmp)
-        os.chmod(tmp, 0o600)
-        os.link(tmp, path)
-        st = os.lstat(path)
-        s.listen(64)
-    except OSError as e:
-        s.close()
-        raise GmsError(f"cannot create the GPU memory service socket at {path}: {e.strerror}",
-                       code="exists" if e.errno == errno.EEXIST else "internal", path=path, errno=e.errno) from None
-    finally:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        os.rmdir(tmpdir)
-    return s, (st.st_dev, st.st_ino)
+    return unixsock.bind_private(path, kind=socket.SOCK_STREAM, what="GPU memory service", prefix=".gms-",
+                                 error=GmsError, make_parent=True)
 
 
 # ---------------------------------------------------------------- client
 
-class Client:
-    """One connection to the service. Holds taken with :meth:`open` last as long as the connection."""
+class Client(unixsock.Closing):
+    """One connection to the service (a context manager). Holds taken with :meth:`open` last as long as the
+    connection."""
 
     def __init__(self, path: Optional[str] = None, *, timeout: Optional[float] = 600.0):
         self.path = path or default_socket()
-        self.sock: Optional[socket.socket] = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
+        self.sock: Optional[socket.socket] = None
         try:
-            self.sock.connect(self.path)
+            self.sock = unixsock.connect(self.path, socket.SOCK_STREAM, timeout)
         except OSError as e:
-            self.sock.close()
-            self.sock = None
             raise GmsError(f"cannot reach the GPU memory service at {self.path}: {e.strerror or e} "
                            "(is `dynsnap gms serve` running?)", code="unreachable", path=self.path,
                            errno=e.errno) from None
@@ -275,12 +222,6 @@ class Client:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
-
-    def __enter__(self) -> "Client":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
     def request(self, op: str, **fields: Any) -> tuple[dict, list[int]]:
         """The reply and its fds; GmsError when the service refuses or the connection breaks."""

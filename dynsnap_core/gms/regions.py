@@ -60,6 +60,39 @@ def _bytes_view(ptr: int, nbytes: int, device: int) -> Any:
     return torch.as_tensor(_Cai(ptr, nbytes), device=f"cuda:{device}")
 
 
+def _map_handle(va: int, size: int, handle: int, device: int, *, read_only: bool) -> bool:
+    """Map ``handle`` at ``va`` and make it accessible (read-only when asked; returns whether it is). On a failure
+    nothing stays mapped and the handle is released."""
+    try:
+        vmm.map(va, size, handle, 0, device)
+        try:
+            return vmm.set_access(va, size, device, read_only=read_only)
+        except BaseException:
+            vmm.unmap(va, size, device)
+            raise
+    except BaseException:
+        vmm.release(handle, device)
+        raise
+
+
+class _Mapped:
+    """What both kinds of region share: ``_acquire()`` maps physical memory at ``va`` (``_handle`` set while it
+    is), ``release()`` lets it go; :meth:`_start` maps it and registers the region with this process's agent."""
+
+    _handle: Optional[int] = None
+
+    @property
+    def mapped(self) -> bool:
+        return self._handle is not None
+
+    def _acquire(self) -> None:
+        raise NotImplementedError
+
+    def _start(self) -> None:
+        self._acquire()
+        _agent.track(self)
+
+
 class Region:
     """One VA reservation of ``size`` bytes (rounded up to the granularity) on ``device``, carved in order."""
 
@@ -94,7 +127,7 @@ class Region:
         return f"Region(cuda:{self.device}, va={self.va:#x}, size={self.size}, used={self._next})"
 
 
-class WeightsRegion:
+class WeightsRegion(_Mapped):
     """A weight set of the service mapped read-only at a fixed address (see the module doc)."""
 
     def __init__(self, client: Any, set_ref: str, layout_hash: Optional[str] = None, *,
@@ -112,12 +145,7 @@ class WeightsRegion:
         self._lock = threading.RLock()
         self._views: Optional[dict] = None
         self.timings: dict = {}
-        self._acquire()
-        _agent.track(self)
-
-    @property
-    def mapped(self) -> bool:
-        return self._handle is not None
+        self._start()
 
     def _acquire(self) -> None:
         t0 = time.perf_counter()
@@ -140,16 +168,7 @@ class WeightsRegion:
                                   f"{self.va:#x}", code="mismatch")
             t1 = time.perf_counter()
             handle = vmm.import_fd(fd, self.device)
-            try:
-                vmm.map(self.va, size, handle, 0, self.device)
-                try:
-                    self.read_only = vmm.set_access(self.va, size, self.device, read_only=True)
-                except BaseException:
-                    vmm.unmap(self.va, size, self.device)
-                    raise
-            except BaseException:
-                vmm.release(handle, self.device)
-                raise
+            self.read_only = _map_handle(self.va, size, handle, self.device, read_only=True)
             self._handle, self._mapped_size = handle, size
             self.layout, self.layout_hash = table, h
             self._client = client
@@ -215,7 +234,7 @@ class WeightsRegion:
         return f"WeightsRegion({self.set_ref!r}, va={self.va:#x}, size={self.size}, mapped={self.mapped})"
 
 
-class PrivateRegion:
+class PrivateRegion(_Mapped):
     """This process's own GPU memory at a fixed address (KV cache, scratch pools); see the module doc."""
 
     def __init__(self, size: int, device: int = 0, *, keep: bool = False, region: Optional[Region] = None):
@@ -228,25 +247,11 @@ class PrivateRegion:
         self._saved: Optional[mmap.mmap] = None
         self._pool: Optional[tuple] = None
         self._lock = threading.RLock()
-        self._acquire()
-        _agent.track(self)
-
-    @property
-    def mapped(self) -> bool:
-        return self._handle is not None
+        self._start()
 
     def _acquire(self) -> None:
         h = vmm.create(self.size, self.device, exportable=False)
-        try:
-            vmm.map(self.va, self.size, h, 0, self.device)
-            try:
-                vmm.set_access(self.va, self.size, self.device, read_only=False)
-            except BaseException:
-                vmm.unmap(self.va, self.size, self.device)
-                raise
-        except BaseException:
-            vmm.release(h, self.device)
-            raise
+        _map_handle(self.va, self.size, h, self.device, read_only=False)
         self._handle = h
 
     def release(self) -> None:

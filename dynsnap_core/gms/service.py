@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
 from ..errors import CudaUnavailable, DynsnapError
+from ..unixsock import Server, allowed_roots, outside_roots, peer_cred, within_roots
 from . import layout as L, policy, protocol as P, vmm
 
 __all__ = ["GpuMemoryService", "serve_main", "status_main", "evict_main"]
@@ -57,29 +58,23 @@ class _Set:
                 "load_s": self.load_s, "load": self.details, "refs": sorted(self.refs)}
 
 
-class GpuMemoryService:
+class GpuMemoryService(Server):
     """The service: sets by manifest path, one thread per connection, one load at a time."""
+
+    name = "gms"
 
     def __init__(self, socket_path: str, *, device: int = 0, store: Optional[str] = None,
                  allow: Iterable[str] = (), max_bytes: Optional[int] = None, memsvc: Optional[str] = None,
                  log: Optional[Callable[[str], Any]] = None):
-        from ..memsvc import _allowed_roots
         from ..weights import Store
-        self.socket_path = str(socket_path)
+        super().__init__(str(socket_path), log)
         self.device = int(device)
         self.store = Store(store)
-        self.roots = _allowed_roots([*allow, str(self.store.root)])
+        self.roots = allowed_roots([*allow, str(self.store.root)])
         self.max_bytes = max_bytes
         self.memsvc = memsvc               # shards from the host memory service (weights' memfd path) when set
-        self.log = log or (lambda s: None)
         self.sets: dict[str, _Set] = {}
-        self.cond = threading.Condition()
         self._load_lock = threading.Lock()
-        self._sock: Optional[socket.socket] = None
-        self._sock_id: Optional[tuple[int, int]] = None
-        self._stop = threading.Event()
-        self._ids = 0
-        self._conns: dict[int, socket.socket] = {}
         self._pids: dict[int, int] = {}
         self._t0 = time.time()
 
@@ -88,62 +83,14 @@ class GpuMemoryService:
         if self._sock is None:
             self._sock, self._sock_id = P.bind_private(self.socket_path)
 
-    def serve_forever(self) -> None:
-        self.bind()
-        assert self._sock is not None
-        self._sock.settimeout(0.2)
-        self.log(f"gms: serving cuda:{self.device} on {self.socket_path} (store {self.store.root})")
-        try:
-            while not self._stop.is_set():
-                try:
-                    conn, _ = self._sock.accept()
-                except socket.timeout:
-                    continue
-                except OSError:
-                    if self._stop.is_set():
-                        break
-                    raise
-                conn.settimeout(None)
-                with self.cond:
-                    self._ids += 1
-                    cid = self._ids
-                    self._conns[cid] = conn
-                threading.Thread(target=self._serve_conn, args=(conn, cid), daemon=True,
-                                 name=f"gms-conn-{cid}").start()
-        finally:
-            self._close()
+    def _banner(self) -> str:
+        return f"gms: serving cuda:{self.device} on {self.socket_path} (store {self.store.root})"
 
-    def start(self) -> threading.Thread:
-        """Serve on a background thread (in-process use and tests)."""
-        self.bind()
-        t = threading.Thread(target=self.serve_forever, daemon=True, name="gms")
-        t.start()
-        return t
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-        try:
-            st = os.lstat(self.socket_path)
-            if self._sock_id == (st.st_dev, st.st_ino):
-                os.unlink(self.socket_path)
-        except FileNotFoundError:
-            pass
-        with self.cond:
-            for c in self._conns.values():
-                try:
-                    c.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-            for s in list(self.sets.values()):
-                if s.state == "resident":
-                    self._free(s)
-            self.sets.clear()
-            self.cond.notify_all()
+    def _drop_all(self) -> None:
+        for s in list(self.sets.values()):
+            if s.state == "resident":
+                self._free(s)
+        self.sets.clear()
 
     # ---- connections ----
     def _serve_conn(self, conn: socket.socket, cid: int) -> None:
@@ -155,7 +102,7 @@ class GpuMemoryService:
                 P.drain(conn)
                 return
             try:
-                self._pids[cid] = int(_peer_pid(conn))
+                self._pids[cid] = int(peer_cred(conn)[0])
             except OSError:
                 self._pids[cid] = -1
             while not self._stop.is_set():
@@ -222,10 +169,9 @@ class GpuMemoryService:
         allowed root."""
         from ..weights import WeightsError, open_set
         if ref.startswith("/"):
-            real = os.path.realpath(ref)
-            if not any(real == r or real.startswith(r.rstrip("/") + "/") for r in self.roots):
-                raise _Refuse("denied", f"{ref} is outside the directories this service may open "
-                                        f"({', '.join(self.roots)}); start it with --allow DIR")
+            real = within_roots(ref, self.roots)
+            if real is None:
+                raise _Refuse("denied", outside_roots(ref, self.roots))
             target: Any = real
         else:
             target = ref
@@ -422,11 +368,6 @@ class GpuMemoryService:
             del self.sets[s.key]
             self.cond.notify_all()
             return {"ok": True, "freed_bytes": freed}, []
-
-
-def _peer_pid(conn: socket.socket) -> int:
-    from ..memsvc import _peer_cred
-    return _peer_cred(conn)[0]
 
 
 class _Target:

@@ -15,9 +15,11 @@ from ..errors import MemsvcError  # noqa: F401
 _WHERE = {"Client": "client", "Attachment": "client", "quiesce": "client", "resume": "client",
           "MemoryService": "service", "spawn": "service", "main": "service",
           "send_message": "protocol", "recv_message": "protocol"}
-#: Names other code took from the one-module memsvc before the split (module, name there).
-_MOVED = {"_peer_cred": ("protocol", "peer_cred"), "_peer_groups": ("protocol", "peer_groups"),
-          "_allowed_roots": ("service", "_allowed_roots")}
+#: Names other code took from the one-module memsvc before the split (module, name there): the socket and peer
+#: helpers both services share now live in dynsnap_core.unixsock.
+_MOVED = {"_peer_cred": ("dynsnap_core.unixsock", "peer_cred"),
+          "_peer_groups": ("dynsnap_core.unixsock", "peer_groups"),
+          "_allowed_roots": ("dynsnap_core.unixsock", "allowed_roots")}
 
 __all__ = ["MemsvcError", *_WHERE]
 
@@ -27,7 +29,7 @@ def __getattr__(name: str) -> Any:
         return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
     if name in _MOVED:
         mod, attr = _MOVED[name]
-        return getattr(importlib.import_module(f"{__name__}.{mod}"), attr)
+        return getattr(importlib.import_module(mod), attr)
     if name in ("protocol", "client", "service"):
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,13 +12,15 @@ from typing import Any, Callable, Iterable, Optional
 
 from .. import memfd
 from ..errors import MemsvcError
+from ..unixsock import Closing, connect
 from .protocol import recv_message, send_message
 
 __all__ = ["Client", "Attachment", "quiesce", "resume"]
 
 
-class Client:
-    """A connection to the memory service. It connects on first use; ``close()`` before a checkpoint."""
+class Client(Closing):
+    """A connection to the memory service (a context manager). It connects on first use; ``close()`` before a
+    checkpoint."""
 
     def __init__(self, socket_path: str | os.PathLike, *, timeout: float = 300.0):
         self.socket_path = str(socket_path)
@@ -27,16 +29,12 @@ class Client:
 
     def _conn(self) -> socket.socket:
         if self._sock is None:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            s.settimeout(self.timeout)
             try:
-                s.connect(self.socket_path)
+                self._sock = connect(self.socket_path, socket.SOCK_SEQPACKET, self.timeout)
             except OSError as e:
-                s.close()
                 raise MemsvcError(f"cannot reach the memory service at {self.socket_path}: {e.strerror or e}",
                                   code="unreachable", stage="connect", path=self.socket_path,
                                   errno=e.errno) from None
-            self._sock = s
         return self._sock
 
     def request(self, obj: dict) -> tuple[dict, list[int]]:
@@ -115,12 +113,6 @@ class Client:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-
-    def __enter__(self) -> "Client":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
 @dataclass(eq=False)

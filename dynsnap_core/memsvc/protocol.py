@@ -1,5 +1,6 @@
 """The memory service's wire protocol: one length-prefixed JSON message per request and reply on a Unix socket
-(SOCK_SEQPACKET for the service; any type works), fds attached with SCM_RIGHTS; and the peer's credentials.
+(SOCK_SEQPACKET for the service; any type works), fds attached with SCM_RIGHTS. The peer's credentials
+(``peer_cred``, ``peer_groups``) come from :mod:`dynsnap_core.unixsock`, shared with the GPU memory service.
 
 Requests (``{"op": ...}``): ``ping``, ``load`` (regions: [{name, path, offset, length, digest}]), ``get`` (name,
 wait, timeout), ``create`` (name, size) + ``publish`` (name), ``release``, ``list``, ``drop`` (name, force),
@@ -14,6 +15,8 @@ import os
 import socket
 import struct
 from typing import Sequence
+
+from ..unixsock import peer_cred, peer_groups  # noqa: F401 - the shared peer checks, under their old names
 
 __all__ = ["send_message", "recv_message", "peer_cred", "peer_groups"]
 
@@ -71,20 +74,3 @@ def recv_message(sock: socket.socket, max_bytes: int = 1 << 16) -> tuple[dict, l
             os.close(fd)
         raise ConnectionError(f"message of {len(body)} bytes is larger than {max_bytes}")
     return json.loads(body), list(fds)
-
-
-def peer_cred(conn: socket.socket) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the process that connected (SO_PEERCRED: set by the kernel, not by the client)."""
-    raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", raw)
-    return pid, uid, gid
-
-
-def peer_groups(conn: socket.socket, pid: int) -> list[int]:
-    """The peer's supplementary groups (SO_PEERGROUPS, Linux >= 4.13)."""
-    so_peergroups = getattr(socket, "SO_PEERGROUPS", 59)
-    try:
-        raw = conn.getsockopt(socket.SOL_SOCKET, so_peergroups, 4 * 256)
-    except OSError:
-        return []
-    return list(struct.unpack(f"{len(raw) // 4}I", raw[:len(raw) // 4 * 4]))

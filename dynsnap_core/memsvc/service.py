@@ -7,7 +7,7 @@ Clients and the worker side live in ``client``; snapshots with regions in ``dyns
 """
 from __future__ import annotations
 
-import errno
+import functools
 import os
 import socket
 import subprocess
@@ -19,8 +19,9 @@ from typing import Any, Callable, Iterable, Optional
 
 from .. import config, memfd
 from ..errors import DynsnapError, MemsvcError
+from ..unixsock import Server, allowed_roots, bind_private, outside_roots, peer_refusal, within_roots
 from .client import Client
-from .protocol import peer_cred, peer_groups, recv_message, send_message
+from .protocol import recv_message, send_message
 
 __all__ = ["MemoryService", "spawn", "main"]
 
@@ -63,35 +64,23 @@ def _group_id(group: str | int) -> int:
         raise MemsvcError(f"no group named {group!r}", code="bad_request", stage="bind") from None
 
 
-def _allowed_roots(extra: Iterable[str | os.PathLike]) -> list[str]:
-    """The directories the service may open files in: the weight store, the snapshot root, and ``extra``."""
-    from ..weights.store import default_store
-    roots = [default_store(), config.snapshots_root(), *extra]
-    return sorted({os.path.realpath(str(r)) for r in roots})
-
-
 def _nonneg_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 1 << 62
 
 
-class MemoryService:
+class MemoryService(Server):
     """The daemon: regions by name, one thread per connection, loads on their own threads."""
+
+    name = "memsvc"
 
     def __init__(self, socket_path: str | os.PathLike, *, threads: Optional[int] = None,
                  log: Optional[Callable[[str], Any]] = None, allow: Iterable[str | os.PathLike] = (),
                  group: Optional[str | int] = None):
-        self.socket_path = str(socket_path)
+        super().__init__(str(socket_path), log)
         self.gid = _group_id(group) if group is not None else None
-        self.roots = _allowed_roots(allow)
-        self._sock_id: Optional[tuple[int, int]] = None
+        self.roots = allowed_roots(allow)
         self.threads = threads or memfd.default_threads()
-        self.log = log or (lambda s: None)
         self.regions: dict[str, _Region] = {}
-        self.cond = threading.Condition()
-        self._sock: Optional[socket.socket] = None
-        self._stop = threading.Event()
-        self._ids = 0
-        self._conns: dict[int, socket.socket] = {}
         self._load_delay = float(config.test_hook("MEMSVC_LOAD_DELAY") or 0)
 
     # ---- lifecycle ----
@@ -100,131 +89,26 @@ class MemoryService:
         set to 0600 (0660 and the service's group with ``group``) there, then hard-linked into place, which never
         replaces anything. A stale socket at the path is removed; a live one, or anything that is not a socket, is
         refused (never unlinked)."""
-        if self._sock is not None:
-            return
-        import stat
-        import tempfile
-        path = self.socket_path
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            st = None
-        if st is not None:
-            if not stat.S_ISSOCK(st.st_mode):
-                raise MemsvcError(f"{path} exists and is not a socket; refusing to replace it (choose another "
-                                  "--socket)", code="exists", stage="bind", path=path)
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            try:
-                probe.connect(path)
-                live = True
-            except OSError:
-                live = False
-            finally:
-                probe.close()
-            if live:
-                raise MemsvcError(f"another memory service is serving at {path}", code="exists", stage="bind",
-                                  path=path)
-            os.unlink(path)                                   # a stale socket of a dead service
-        parent = os.path.dirname(os.path.abspath(path))
-        tmpdir = tempfile.mkdtemp(prefix=".memsvc-", dir=parent)   # 0700: nobody else can reach what is inside
-        tmp = os.path.join(tmpdir, "s")
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            s.bind(tmp)
-            if self.gid is not None:
-                os.chown(tmp, -1, self.gid)
-                os.chmod(tmp, 0o660)
-            else:
-                os.chmod(tmp, 0o600)
-            os.link(tmp, path)                                # EEXIST rather than replacing what appeared
-            st = os.lstat(path)
-            self._sock_id = (st.st_dev, st.st_ino)
-            s.listen(64)
-        except OSError as e:
-            s.close()
-            raise MemsvcError(f"cannot create the memory service socket at {path}: {e.strerror}", code="exists"
-                              if e.errno == errno.EEXIST else "internal", stage="bind", path=path,
-                              errno=e.errno) from None
-        finally:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            os.rmdir(tmpdir)
-        self._sock = s
-
-    def serve_forever(self) -> None:
-        """Accept clients until ``shutdown`` (a request or ``stop()``)."""
         if self._sock is None:
-            self.bind()
-        assert self._sock is not None
-        self._sock.settimeout(0.2)
-        self.log(f"memsvc: serving on {self.socket_path} with {self.threads} fill threads")
-        try:
-            while not self._stop.is_set():
-                try:
-                    conn, _ = self._sock.accept()
-                except socket.timeout:
-                    continue
-                except OSError:
-                    if self._stop.is_set():
-                        break
-                    raise
-                conn.settimeout(None)
-                with self.cond:
-                    self._ids += 1
-                    cid = self._ids
-                    self._conns[cid] = conn
-                threading.Thread(target=self._serve_conn, args=(conn, cid), daemon=True,
-                                 name=f"memsvc-conn-{cid}").start()
-        finally:
-            self._close()
+            self._sock, self._sock_id = bind_private(
+                self.socket_path, kind=socket.SOCK_SEQPACKET, what="memory service", prefix=".memsvc-",
+                error=functools.partial(MemsvcError, stage="bind"), gid=self.gid)
 
-    def start(self) -> threading.Thread:
-        """Serve on a background thread (in-process use and tests)."""
-        self.bind()
-        t = threading.Thread(target=self.serve_forever, daemon=True, name="memsvc")
-        t.start()
-        return t
+    def _banner(self) -> str:
+        return f"memsvc: serving on {self.socket_path} with {self.threads} fill threads"
 
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-        try:                       # only our own socket: never what someone put at the path meanwhile
-            st = os.lstat(self.socket_path)
-            if self._sock_id == (st.st_dev, st.st_ino):
-                os.unlink(self.socket_path)
-        except FileNotFoundError:
-            pass
-        with self.cond:
-            for c in self._conns.values():
-                try:
-                    c.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-            for r in self.regions.values():
-                if r.mfd is not None:
-                    r.mfd.close()
-            self.regions.clear()
-            self.cond.notify_all()
+    def _drop_all(self) -> None:
+        for r in self.regions.values():
+            if r.mfd is not None:
+                r.mfd.close()
+        self.regions.clear()
 
     # ---- connections ----
     def _refusal(self, conn: socket.socket) -> Optional[str]:
         """Why the peer of ``conn`` may not use the service (SO_PEERCRED), or None: root, the service's own user,
         and with a configured group its members, may; nobody else."""
-        try:
-            pid, uid, gid = peer_cred(conn)
-        except OSError as e:
-            return f"cannot read the peer's credentials: {e.strerror}"
-        if uid == 0 or uid == os.geteuid():
-            return None
-        if self.gid is not None and (gid == self.gid or self.gid in peer_groups(conn, pid)):
-            return None
-        return f"uid {uid} (pid {pid}) may not use this memory service"
+        return peer_refusal(conn, lambda uid, pid: f"uid {uid} (pid {pid}) may not use this memory service",
+                            self.gid)
 
     def _serve_conn(self, conn: socket.socket, cid: int) -> None:
         try:
@@ -281,12 +165,10 @@ class MemoryService:
         ``--allow`` directories); else the refusal."""
         if not isinstance(path, str) or not path or "\0" in path:
             raise _Refuse("bad_request", f"{what} must be a path")
-        real = os.path.realpath(path)
-        for root in self.roots:
-            if real == root or real.startswith(root.rstrip("/") + "/"):
-                return real
-        raise _Refuse("denied", f"{what} {path} is outside the directories this service may open "
-                                f"({', '.join(self.roots)}); start it with --allow DIR")
+        real = within_roots(path, self.roots)
+        if real is None:
+            raise _Refuse("denied", f"{what} {outside_roots(path, self.roots)}")
+        return real
 
     def _forget(self, r: _Region) -> None:
         if r.mfd is not None:
