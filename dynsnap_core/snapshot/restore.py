@@ -2,6 +2,7 @@
 supervisor, GPU restore, unlock, resume (RestoredProcess)."""
 from __future__ import annotations
 
+import concurrent.futures as cf
 import contextlib
 import datetime as _dt
 import errno
@@ -9,6 +10,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,11 +174,7 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
     CRIU's lazy-pages daemon fills the memory while the tree runs; the tree is still continued only after every
     checksum matched, and is killed if the fill fails (dynsnap_core/lazy_pages.py). ``RestoredProcess.wait_filled``.
     """
-    import concurrent.futures as cf
-    import threading
-
     t_start = time.perf_counter()
-    timings: dict[str, float] = {}
     _check_path_arg(path, "path")
     _check_engine_arg(engine)
     if device_map is not None and not (isinstance(device_map, dict) and all(
@@ -197,174 +195,225 @@ def restore(path: str | os.PathLike, *, verify: bool = True, device_map: Optiona
         raise InvalidArgument(f"unknown restore prefetch mode {prefetch!r}: use one of {', '.join(PREFETCH_MODES)}",
                               stage="preflight")
     require_privilege("restore")
-    recover()
-    clean_stale_staging()
-    snap = open_snapshot(path)
-    m = snap.manifest
-    from ..compat import require as _require_compatible
-    _require_compatible(snap)       # every fact the snapshot needs, before anything is touched
-    criu = find_criu()
-    _check_devices(m)
-    # A worker whose GPU regions live in the GPU memory service: its weight sets are made resident (and their
-    # layout hashes checked) by the service in a thread while the images are verified and CRIU restores.
-    from ..gms import wiring
-    gms_prep = wiring.before_restore(m["gms"]) if m.get("gms") else None
-    sv.check_closed(snap.path, m)
-    lazy = lazy_pages.choose(lazy, criu, m, prefetch, thp)      # dynsnap_core/lazy_pages.py
-    crit_timeout, log_limit = run_limits(m["total_bytes"])
-    pid = m["root_pid"]
-    # a tree that had a pid namespace of its own gets a fresh one: the node's pids do not matter
-    for p in [] if m.get("pid_namespace") else (m.get("pids") or [pid]):
-        if proc.exists(p):
-            raise DynsnapError(f"pid {p} is in use by a running process ({proc.comm(p)}); a snapshot restores "
-                               "with its original pids, so stop that process first", stage="restore", pid=p)
-        if proc.state(p) == "Z":
-            raise DynsnapError(f"pid {p} is held by a zombie that its parent (pid {proc.parent(p)}) has not "
-                               "reaped yet; a snapshot restores with its original pids", stage="restore", pid=p)
-    log_dir = Path(log_dir) if log_dir else default_home() / "logs"
-    images = snap.path / "criu"
-    staged: Optional[Path] = None
-    if verify and prefetch != "tmpfs":
-        # CRIU never reads a metadata image that failed verification: check them all before it starts.
-        t0 = time.perf_counter()
-        sv.verify_files(snap.path, m, engine=engine, direct=False, threads=verify_threads, closed=False,
-                        only=lambda f: not sv.is_bulk(f))
-        timings["verify_metadata"] = time.perf_counter() - t0
-    if prefetch == "tmpfs":
-        if progress:
-            progress("prefetch to tmpfs" + (" + verify" if verify else ""), 0, 1)
-        staged, timings["prefetch"] = _prefetch_tmpfs(snap, engine, verify)
-        images = staged / "criu"
-    try:
-        work = _restore_workdir(log_dir)
-    except BaseException:
-        if staged is not None:
-            shutil.rmtree(staged, ignore_errors=True)
-        raise
-    pidfile = work / "pid"
-    args = ["restore", "-D", str(images), "-W", str(work), "-d", "--pidfile", str(pidfile),
-            "--file-locks"]
-    if m.get("mount_namespace"):
-        # a fresh mount namespace over the node's root, with the node's mounts bound in by path
-        args += ["--root", "/", *CRIU_MNTNS_ARGS]
-    renamed: dict[bytes, bytes] = {}
-    if m.get("pid_namespace"):
-        # a copy beside a running one: abstract socket names it holds (the CUDA driver binds one) are taken
+    return _Restore(path, t_start, verify=verify, device_map=device_map, progress=progress, engine=engine,
+                    verify_threads=verify_threads, prefetch=prefetch, log_dir=log_dir, thp=thp, lazy=lazy).run()
+
+
+class _Restore:
+    """One restore; ``run()`` reads as its phases in order (each a method below)."""
+
+    def __init__(self, path: Any, t_start: float, *, verify: bool, device_map: Optional[dict], progress: Progress,
+                 engine: str, verify_threads: int, prefetch: str, log_dir: Optional[Path], thp: bool,
+                 lazy: Optional[bool]):
+        self.path, self.t_start, self.verify, self.device_map = path, t_start, verify, device_map
+        self.progress, self.engine, self.verify_threads, self.prefetch = progress, engine, verify_threads, prefetch
+        self.log_dir, self.thp, self.lazy = log_dir, thp, lazy
+        self.timings: dict[str, float] = {}
+        self.staged: Optional[Path] = None           # prefetch 'tmpfs': the verified copy CRIU reads
+        self.work: Optional[Path] = None             # CRIU's work directory (log, pidfile)
+        self.renamed: dict[bytes, bytes] = {}        # abstract socket names given fresh ones for this copy
+        self.gms_prep: Any = None                    # weight sets made resident by the GPU memory service
+        self.sigstate: dict = {}
+        self.cancel = threading.Event()
+        self.vfut: Optional[cf.Future] = None        # the pages' checksums, beside CRIU
+        self.run_: Any = None                        # the supervised CRIU
+        self.rpid: Optional[int] = None
+        self.filler: Any = None                      # lazy restore: the fill that goes on after we return
+
+    def run(self) -> RestoredProcess:
+        self.open()
+        self.verify_metadata()
+        self.prefetch_tmpfs()
         try:
-            renamed = criu_images.rename_taken_abstract_sockets(images, work / "images",
-                                                                lambda copy: _check_copy(copy, snap.path, m))
+            self.prepare_criu()
         except BaseException:
-            shutil.rmtree(work, ignore_errors=True)      # CRIU never ran: nothing worth keeping
-            if staged is not None:
-                shutil.rmtree(staged, ignore_errors=True)
+            if self.work is not None:
+                shutil.rmtree(self.work, ignore_errors=True)      # CRIU never ran: nothing worth keeping
+            if self.staged is not None:
+                shutil.rmtree(self.staged, ignore_errors=True)
             raise
-        if renamed:
-            args[args.index(str(images))] = str(work / "images")
-            timings["abstract_sockets_renamed"] = len(renamed)
-    if m.get("shell_job"):
-        # A shell job lands in our session; left stopped, it would be an orphaned stopped process group when
-        # CRIU exits, and the kernel would SIGHUP it. So verify first, then restore it running.
-        args.append("--shell-job")
-        if verify and staged is None:
-            t0 = time.perf_counter()
-            sv.verify_files(snap.path, m, engine=engine, direct=False, threads=verify_threads, closed=False,
-                            only=sv.is_bulk)
-            timings["verify"] = time.perf_counter() - t0
-            verify = False
-    else:
-        args.append("--leave-stopped")
+        pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dynsnap-verify")
+        try:
+            with _deferred_signals(self.sigstate):
+                self.start_verify(pool)
+                self.criu_restore()
+                self.continue_tree()
+                self.gpu_restore()
+                self.resume_agents()
+                self.check()
+                self.release()
+        except BaseException:
+            self.cancel.set()
+            if self.run_ is not None:
+                self.run_.kill()        # CRIU and every process it restored: none outlives a failed restore
+            else:
+                shutil.rmtree(self.work, ignore_errors=True)     # CRIU never ran: no log worth keeping
+            raise
+        finally:
+            self.cancel.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            if self.staged is not None:
+                shutil.rmtree(self.staged, ignore_errors=True)
+        self.timings["total"] = time.perf_counter() - self.t_start
+        if config.get("keep_logs") is None and self.filler is None:
+            shutil.rmtree(self.work, ignore_errors=True)
+        return RestoredProcess(self.rpid, self.snap, self.timings, fill=self.filler)
 
-    sigstate: dict = {}
-    cancel = threading.Event()
-    pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dynsnap-verify")
-    vfut = None
-    run = None
-    rpid: Optional[int] = None
-    filler = None                               # lazy restore (issue 12)
+    def open(self) -> None:
+        """Journal recovery, the manifest and every fact the snapshot needs, before anything is touched."""
+        recover()
+        clean_stale_staging()
+        self.snap = snap = open_snapshot(self.path)
+        self.m = m = snap.manifest
+        from ..compat import require as _require_compatible
+        _require_compatible(snap)
+        self.criu = find_criu()
+        _check_devices(m)
+        # A worker whose GPU regions live in the GPU memory service: its weight sets are made resident (and their
+        # layout hashes checked) by the service in a thread while the images are verified and CRIU restores.
+        from ..gms import wiring
+        self.gms_prep = wiring.before_restore(m["gms"]) if m.get("gms") else None
+        sv.check_closed(snap.path, m)
+        self.lazy = lazy_pages.choose(self.lazy, self.criu, m, self.prefetch, self.thp)   # dynsnap_core/lazy_pages.py
+        self.crit_timeout, self.log_limit = run_limits(m["total_bytes"])
+        self.pid = pid = m["root_pid"]
+        # a tree that had a pid namespace of its own gets a fresh one: the node's pids do not matter
+        for p in [] if m.get("pid_namespace") else (m.get("pids") or [pid]):
+            if proc.exists(p):
+                raise DynsnapError(f"pid {p} is in use by a running process ({proc.comm(p)}); a snapshot restores "
+                                   "with its original pids, so stop that process first", stage="restore", pid=p)
+            if proc.state(p) == "Z":
+                raise DynsnapError(f"pid {p} is held by a zombie that its parent (pid {proc.parent(p)}) has not "
+                                   "reaped yet; a snapshot restores with its original pids", stage="restore", pid=p)
+        self.log_dir = Path(self.log_dir) if self.log_dir else default_home() / "logs"
+        self.images = snap.path / "criu"
 
-    def check() -> None:
+    def _verify(self, only: Any, cancel: Optional[threading.Event] = None) -> float:
+        t0 = time.perf_counter()
+        sv.verify_files(self.snap.path, self.m, engine=self.engine, direct=False, threads=self.verify_threads,
+                        closed=False, only=only, cancel=cancel)
+        return time.perf_counter() - t0
+
+    def verify_metadata(self) -> None:
+        """CRIU never reads a metadata image that failed verification: check them all before it starts."""
+        if self.verify and self.prefetch != "tmpfs":
+            self.timings["verify_metadata"] = self._verify(lambda f: not sv.is_bulk(f))
+
+    def prefetch_tmpfs(self) -> None:
+        """Prefetch 'tmpfs': a checked copy of the images in memory, which CRIU then reads."""
+        if self.prefetch == "tmpfs":
+            if self.progress:
+                self.progress("prefetch to tmpfs" + (" + verify" if self.verify else ""), 0, 1)
+            self.staged, self.timings["prefetch"] = _prefetch_tmpfs(self.snap, self.engine, self.verify)
+            self.images = self.staged / "criu"
+
+    def prepare_criu(self) -> None:
+        """CRIU's work directory and arguments: namespaces, renamed abstract sockets, shell jobs."""
+        m = self.m
+        self.work = work = _restore_workdir(self.log_dir)
+        self.pidfile = work / "pid"
+        args = ["restore", "-D", str(self.images), "-W", str(work), "-d", "--pidfile", str(self.pidfile),
+                "--file-locks"]
+        if m.get("mount_namespace"):
+            # a fresh mount namespace over the node's root, with the node's mounts bound in by path
+            args += ["--root", "/", *CRIU_MNTNS_ARGS]
+        if m.get("pid_namespace"):
+            # a copy beside a running one: abstract socket names it holds (the CUDA driver binds one) are taken
+            self.renamed = criu_images.rename_taken_abstract_sockets(
+                self.images, work / "images", lambda copy: _check_copy(copy, self.snap.path, m))
+            if self.renamed:
+                args[args.index(str(self.images))] = str(work / "images")
+                self.timings["abstract_sockets_renamed"] = len(self.renamed)
+        if m.get("shell_job"):
+            # A shell job lands in our session; left stopped, it would be an orphaned stopped process group when
+            # CRIU exits, and the kernel would SIGHUP it. So verify first, then restore it running.
+            args.append("--shell-job")
+            if self.verify and self.staged is None:
+                self.timings["verify"] = self._verify(sv.is_bulk)
+                self.verify = False
+        else:
+            args.append("--leave-stopped")
+        self.args = args
+
+    def check(self) -> None:
         """Raised out of CRIU's wait: a signal to dynsnap, or a pages file that failed verification."""
-        if sigstate.get("signal"):
-            name = signal.Signals(sigstate["signal"]).name
+        if self.sigstate.get("signal"):
+            name = signal.Signals(self.sigstate["signal"]).name
             raise Interrupted(f"restore interrupted by {name}; nothing was restored (CRIU and the half-restored "
                               "processes were killed)", stage="restore")
+        vfut = self.vfut
         if vfut is not None and vfut.done() and vfut.exception() is not None:
             raise vfut.exception()              # type: ignore[misc]
 
-    def wait_verified() -> None:
-        while vfut is not None and not vfut.done():
-            check()
+    def wait_verified(self) -> None:
+        while self.vfut is not None and not self.vfut.done():
+            self.check()
             time.sleep(0.01)
-        check()
+        self.check()
 
-    try:
-        with _deferred_signals(sigstate):
-            if verify and staged is None:
-                def _verify() -> float:
-                    t0 = time.perf_counter()
-                    sv.verify_files(snap.path, m, engine=engine, direct=False, threads=verify_threads, closed=False,
-                                    only=sv.is_bulk, cancel=cancel)
-                    return time.perf_counter() - t0
-                vfut = pool.submit(_verify)
-            if progress:
-                progress("criu restore" + (" + verify" if verify else ""), 0, 1)
+    def start_verify(self, pool: cf.ThreadPoolExecutor) -> None:
+        """The pages' checksums in a thread, beside CRIU (through the page cache: the disk is read once)."""
+        if self.verify and self.staged is None:
+            self.vfut = pool.submit(self._verify, sv.is_bulk, self.cancel)
+
+    def criu_restore(self) -> None:
+        """CRIU restores the tree, left stopped, under the supervisor; every checksum must have matched."""
+        m, timings = self.m, self.timings
+        if self.progress:
+            self.progress("criu restore" + (" + verify" if self.verify else ""), 0, 1)
+        with thp_scope.ThpScope() if self.thp else contextlib.nullcontext() as scope:
+            if scope is not None:
+                timings["thp_always"] = float(scope.active)
+            start = lazy_pages.starter(self.criu, self.lazy, self.work, self.crit_timeout)   # supervised CRIU
             # A shell job re-attaches to a terminal: give CRIU ours when we have one.
-            with thp_scope.ThpScope() if thp else contextlib.nullcontext() as scope:
-                if scope is not None:
-                    timings["thp_always"] = float(scope.active)
-                start = lazy_pages.starter(criu, lazy, work, crit_timeout)     # criu.start_supervised unless lazy
-                run = start(args, log=work / "restore.log", stage="restore", pid=pid,
-                            inherit_stdin=bool(m.get("shell_job")) and os.isatty(0), journal=restore_entry())
-                try:
-                    timings["criu_restore"] = run.wait(timeout=crit_timeout, log_limit=log_limit, check=check)
-                except CriuError:
-                    wait_verified()     # a damaged snapshot explains a CRIU failure better than CRIU does
-                    raise
-            wait_verified()
-            if vfut is not None:
-                timings["verify"] = vfut.result()
+            self.run_ = start(self.args, log=self.work / "restore.log", stage="restore", pid=self.pid,
+                              inherit_stdin=bool(m.get("shell_job")) and os.isatty(0), journal=restore_entry())
             try:
-                rpid = int(pidfile.read_text().strip())
-            except (OSError, ValueError):
-                rpid = pid
-            timings["criu_restore_and_verify"] = time.perf_counter() - t_start
-            tree_pids = proc.tree(rpid)
-            proc.kill_tree(tree_pids, signal.SIGCONT)
-            gpu = m.get("cuda")
-            if gpu and gpu.get("pids"):
-                from .. import cuda
-                ctree = cuda.CudaTree(_restored_cuda_pids(gpu, tree_pids, bool(m.get("pid_namespace"))))
-                if progress:
-                    progress("gpu restore", 0, 1)
-                ctree.restore_all(device_map=device_map)
-                ctree.unlock_all()
-                timings.update(ctree.timings)
-            if gms_prep is not None:
-                # the weight sets are resident (loaded beside CRIU's restore): the agents map them back and serve
-                if progress:
-                    progress("resume", 0, 1)
-                timings.update(wiring.flat_timings(wiring.after_restore(m["gms"], gms_prep, renamed)))
-            check()
-            if lazy:        # the tree runs; its supervisor keeps it until every page is in, then releases it
-                filler = lazy_pages.Fill(run, t_start, timings)
-            else:
-                run.release()
-    except BaseException:
-        cancel.set()
-        if run is not None:
-            run.kill()                  # CRIU and every process it restored: none outlives a failed restore
+                timings["criu_restore"] = self.run_.wait(timeout=self.crit_timeout, log_limit=self.log_limit,
+                                                         check=self.check)
+            except CriuError:
+                self.wait_verified()     # a damaged snapshot explains a CRIU failure better than CRIU does
+                raise
+        self.wait_verified()
+        if self.vfut is not None:
+            timings["verify"] = self.vfut.result()
+        try:
+            self.rpid = int(self.pidfile.read_text().strip())
+        except (OSError, ValueError):
+            self.rpid = self.pid
+        timings["criu_restore_and_verify"] = time.perf_counter() - self.t_start
+
+    def continue_tree(self) -> None:
+        self.tree_pids = proc.tree(self.rpid)
+        proc.kill_tree(self.tree_pids, signal.SIGCONT)
+
+    def gpu_restore(self) -> None:
+        """Every CUDA process of the tree (found by its pid inside a fresh namespace): restore all, unlock all."""
+        gpu = self.m.get("cuda")
+        if gpu and gpu.get("pids"):
+            from .. import cuda
+            ctree = cuda.CudaTree(_restored_cuda_pids(gpu, self.tree_pids, bool(self.m.get("pid_namespace"))))
+            if self.progress:
+                self.progress("gpu restore", 0, 1)
+            ctree.restore_all(device_map=self.device_map)
+            ctree.unlock_all()
+            self.timings.update(ctree.timings)
+
+    def resume_agents(self) -> None:
+        """The weight sets are resident (loaded beside CRIU's restore): the agents map them back and serve."""
+        if self.gms_prep is not None:
+            from ..gms import wiring
+            if self.progress:
+                self.progress("resume", 0, 1)
+            self.timings.update(wiring.flat_timings(wiring.after_restore(self.m["gms"], self.gms_prep,
+                                                                         self.renamed)))
+
+    def release(self) -> None:
+        """The supervisor lets the tree go; lazy: it keeps it until every page is in, then lets it go."""
+        if self.lazy:
+            self.filler = lazy_pages.Fill(self.run_, self.t_start, self.timings)
         else:
-            shutil.rmtree(work, ignore_errors=True)     # CRIU never ran: no log worth keeping
-        raise
-    finally:
-        cancel.set()
-        pool.shutdown(wait=True, cancel_futures=True)
-        if staged is not None:
-            shutil.rmtree(staged, ignore_errors=True)
-    timings["total"] = time.perf_counter() - t_start
-    if config.get("keep_logs") is None and filler is None:
-        shutil.rmtree(work, ignore_errors=True)
-    return RestoredProcess(rpid, snap, timings, fill=filler)
+            self.run_.release()
 
 
 def _restore_workdir(log_dir: Path) -> Path:
