@@ -120,3 +120,74 @@ def test_agent_of_a_worker_under_dynsnap_run_is_found_and_quiesced(tmp_path, hom
     finally:
         for p in reversed(proc.tree(pid)):
             _kill(p)
+
+
+FAILING_WORKER = r'''
+import os, sys, time
+from dynsnap_core.gms import agent
+def refuse():
+    raise RuntimeError("drain refused")
+agent.register(quiesce=refuse)
+agent.start()
+open(sys.argv[1], "w").close()
+while True:
+    time.sleep(0.05)
+'''
+
+
+def test_a_refused_quiesce_fails_the_checkpoint_before_anything_freezes(tmp_path, home, monkeypatch):
+    """An engine that refuses to quiesce: the checkpoint fails with the agent's sentence, no snapshot appears,
+    the worker was never stopped and serves on (its half-done quiesce undone)."""
+    import dynsnap_core as ds
+    from dynsnap_core import proc
+    monkeypatch.setenv("DYNSNAP_RUN_DIR", str(tmp_path / "run"))
+    ready, logp = tmp_path / "ready", tmp_path / "worker.log"
+    with open(logp, "ab") as log:
+        p = subprocess.Popen([sys.executable, "-c", FAILING_WORKER, str(ready)], cwd=ROOT, stdin=subprocess.DEVNULL,
+                             stdout=log, stderr=log, start_new_session=True,
+                             env={**os.environ, "DYNSNAP_RUN_DIR": str(tmp_path / "run")})
+    try:
+        wait_ready(p, ready, logp, "agent worker failed to start")
+        with pytest.raises(AC.AgentError) as e:
+            ds.checkpoint(p.pid, tmp_path / "snap")
+        assert str(e.value) == f"quiesce failed in pid {p.pid}: RuntimeError: drain refused"
+        assert not (tmp_path / "snap").exists()
+        assert [x.name for x in tmp_path.iterdir() if ".dynsnap-staging." in x.name] == []
+        assert p.poll() is None and proc.state(p.pid) in ("S", "R")
+        assert AC.ping(AC.find([p.pid]))["state"] == "running"
+    finally:
+        _kill(p.pid)
+        p.wait(10)
+
+
+def test_restore_whose_weight_set_cannot_be_provided_runs_nothing(tmp_path, home, monkeypatch):
+    """A snapshot whose worker mapped a weight set from a GPU memory service this node does not run: the restore
+    fails with the service's sentence and the restored tree is killed, so no worker runs without its weights."""
+    import dynsnap_core as ds
+    from dynsnap_core.gms.protocol import GmsError
+    from helpers import write_manifest
+    monkeypatch.setenv("DYNSNAP_RUN_DIR", str(tmp_path / "run"))
+    ready, logp = tmp_path / "ready", tmp_path / "worker.log"
+    with open(logp, "ab") as log:
+        p = subprocess.Popen([sys.executable, "-c", WORKER, str(tmp_path / "events"), str(ready)], cwd=ROOT,
+                             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                             env={**os.environ, "DYNSNAP_RUN_DIR": str(tmp_path / "run")})
+    pid = p.pid
+    try:
+        wait_ready(p, ready, logp, "agent worker failed to start")
+        snap = ds.checkpoint(pid, tmp_path / "snap")
+        p.wait(30)
+        m = dict(snap.manifest)
+        gone = str(tmp_path / "no-service" / "gms.sock")
+        m["gms"]["agents"][0]["weight_sets"] = [{"set": "qwen", "layout_hash": "sha256:" + "ab" * 32,
+                                                 "bytes": 1 << 20, "va": 1 << 40, "service": gone}]
+        write_manifest(snap.path, m)
+        with pytest.raises(GmsError) as e:
+            ds.restore(snap.path)
+        assert str(e.value).startswith(f"cannot reach the GPU memory service at {gone}")
+        end = time.monotonic() + 10
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < end:
+            time.sleep(0.02)
+        assert not os.path.exists(f"/proc/{pid}")          # the restored tree was killed, not left running
+    finally:
+        _kill(pid)
