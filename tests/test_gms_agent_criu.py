@@ -191,3 +191,71 @@ def test_restore_whose_weight_set_cannot_be_provided_runs_nothing(tmp_path, home
         assert not os.path.exists(f"/proc/{pid}")          # the restored tree was killed, not left running
     finally:
         _kill(pid)
+
+
+GROUP_WORKER = r'''
+import os, subprocess, sys, time
+from dynsnap_core.gms import agent
+rank, log, ready, refuse = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+def note(what):
+    with open(log, "a") as f:
+        f.write(f"{rank}:{what}\n")
+def quiesce():
+    if refuse:
+        raise RuntimeError(f"rank {rank} is mid-collective")
+    note("quiesce")
+agent.register(quiesce=quiesce, resume=lambda: note("resume"))
+agent.start()
+if rank == 0:        # the group's first rank starts the second, as a launcher would
+    child = subprocess.Popen([sys.executable, "-c", sys.argv[5], "1", log, ready + ".1", sys.argv[6], sys.argv[5],
+                              "0"])
+    while not os.path.exists(ready + ".1"):
+        time.sleep(0.02)
+open(ready, "w").close()
+while True:
+    time.sleep(0.05)
+'''
+
+
+@pytest.mark.parametrize("refusing_rank", [None, 1])
+def test_a_group_of_agent_workers_is_quiesced_and_resumed_together(tmp_path, home, monkeypatch, refusing_rank):
+    """Two workers of one tree (ranks of a tensor-parallel group) each run an agent: the checkpoint quiesces both
+    before freezing anything and the restore resumes both; when one rank refuses, the checkpoint fails and the
+    rank already quiesced is resumed, so the whole group serves on."""
+    import dynsnap_core as ds
+    from dynsnap_core import proc
+    monkeypatch.setenv("DYNSNAP_RUN_DIR", str(tmp_path / "run"))
+    ready, logp, events = tmp_path / "ready", tmp_path / "worker.log", tmp_path / "events"
+    refuse1 = "1" if refusing_rank == 1 else "0"
+    with open(logp, "ab") as log:
+        p = subprocess.Popen([sys.executable, "-c", GROUP_WORKER, "0", str(events), str(ready), "0", GROUP_WORKER,
+                              refuse1], cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                             start_new_session=True, env={**os.environ, "DYNSNAP_RUN_DIR": str(tmp_path / "run")})
+    pid = p.pid
+    try:
+        wait_ready(p, ready, logp, "group worker failed to start")
+        tree = proc.tree(pid)
+        assert len(tree) == 2 and len(AC.find_all(tree)) == 2
+        if refusing_rank is not None:
+            with pytest.raises(AC.AgentError, match="rank 1 is mid-collective"):
+                ds.checkpoint(pid, tmp_path / "snap")
+            assert not (tmp_path / "snap").exists()
+            # rank 0 is put back; rank 1's half-done quiesce is undone by its resume callbacks
+            assert sorted(events.read_text().split()) == ["0:quiesce", "0:resume", "1:resume"]
+            assert [AC.ping(n)["state"] for n in AC.find_all(tree)] == ["running", "running"]
+            assert all(proc.state(x) in ("S", "R") for x in tree)
+            return
+        snap = ds.checkpoint(pid, tmp_path / "snap")
+        assert len(snap.manifest["gms"]["agents"]) == 2
+        p.wait(30)
+        for x in tree:
+            _kill(x)
+        r = ds.restore(snap.path)
+        pid = r.pid
+        assert sorted(events.read_text().split()) == ["0:quiesce", "0:resume", "1:quiesce", "1:resume"]
+        assert [AC.ping(n)["state"] for n in AC.find_all(proc.tree(r.pid))] == ["running", "running"]
+    finally:
+        for x in proc.tree(pid) if proc.exists(pid) else []:   # parent first: its child is then ours to reap
+            _kill(x)
+        _kill(pid)
+        p.poll()
