@@ -5,7 +5,7 @@ memory with userfaultfd and hands the descriptor to ``criu lazy-pages`` (CRIU's 
 image directory and work directory). The daemon copies a page in when the tree touches it (a fault is served
 before anything else) and copies the rest in the background until every page is there, then exits 0.
 
-How dynsnap keeps its guarantees on this path (dynsnap_core/snapshot.py ``restore``):
+How dynsnap keeps its guarantees on this path (dynsnap_core/snapshot/restore.py):
 
 - Trust: the tree is restored stopped; it is continued only after every checksum matched (as for an eager
   restore). The daemon may already copy pages into the stopped tree while the checksums run; if one fails, the

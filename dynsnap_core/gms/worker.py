@@ -1,4 +1,4 @@
-"""What a torch worker needs to run on the GPU memory service (used by the reference worker, e2e_worker --gms).
+"""What a torch worker needs to run on the GPU memory service (used by the reference worker, demo/llm_worker.py --gms).
 
     region, model = gms.worker.model_from_service(Qwen3ForCausalLM, cfg, "/run/dynsnap/gms.sock", "qwen3-0.6b", 0)
     kv = gms.worker.kv_pool(16 << 30, 0)          # a PrivateRegion; kv.tensor() is the uint8 pool
