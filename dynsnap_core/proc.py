@@ -314,3 +314,17 @@ def kill_tree(pids: list[int], sig: int = signal.SIGKILL) -> None:
             os.kill(p, sig)
         except ProcessLookupError:
             pass
+
+
+def kill_and_reap(pids: list[int], timeout: float = 10.0) -> bool:
+    """SIGKILL ``pids`` in the order given and wait until none of them is left in /proc, reaping what is ours
+    (directly, or as the subreaper of a restored tree) meanwhile. True once all are gone."""
+    kill_tree(pids)
+    end = time.monotonic() + timeout
+    while True:
+        reap_children()
+        if not any(os.path.exists(f"/proc/{p}") for p in pids):
+            return True
+        if time.monotonic() >= end:
+            return False
+        time.sleep(0.01)

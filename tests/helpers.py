@@ -32,6 +32,22 @@ def wait_ready(popen: subprocess.Popen, ready: Path, log: Path, what: str, timeo
         time.sleep(0.01)
 
 
+def wait_until(cond, timeout: float, interval: float = 0.02) -> bool:
+    """Poll ``cond`` until it holds or ``timeout`` seconds pass; its last value."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(interval)
+    return bool(cond())
+
+
+def gone(pid: int, timeout: float = 10) -> bool:
+    """Wait until ``pid`` no longer runs (a zombie counts as gone), reaping what is ours meanwhile."""
+    from dynsnap_core.proc import exists, reap_children
+    return wait_until(lambda: (reap_children(), not exists(pid))[1], timeout, 0.01)
+
+
 def kill_proc(popen: subprocess.Popen) -> None:
     """SIGKILL a test process (gone already is fine) and wait up to 10 s for it to exit."""
     try:

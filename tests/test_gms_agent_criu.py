@@ -8,7 +8,6 @@ worker, and a second cycle works the same.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -36,15 +35,8 @@ while True:
 
 
 def _kill(pid: int) -> None:
-    from dynsnap_core.proc import reap_children
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    end = time.monotonic() + 10
-    while os.path.exists(f"/proc/{pid}") and time.monotonic() < end:
-        reap_children()
-        time.sleep(0.01)
+    from dynsnap_core.proc import kill_and_reap
+    kill_and_reap([pid])
 
 
 def test_agent_worker_survives_checkpoint_and_restore_twice(tmp_path, home, monkeypatch):

@@ -175,12 +175,7 @@ class _Run:
 
     def kill(self, pid: int) -> None:
         """SIGKILL the tree and wait until its pids are free again (reaped: we are the subreaper)."""
-        tree = proc.tree(pid)
-        proc.kill_tree(list(reversed(tree)))
-        end = time.monotonic() + 30
-        while any(os.path.exists(f"/proc/{p}") for p in tree) and time.monotonic() < end:
-            proc.reap_children()
-            time.sleep(0.02)
+        proc.kill_and_reap(list(reversed(proc.tree(pid))), timeout=30)
         for p in self.popens:
             p.poll()                          # reaped above (ECHILD): Popen records it and stays quiet
 
@@ -310,6 +305,12 @@ def run(model: str = "qwen3-0.6b", device: str = "cuda:0", kv_gb: Optional[float
     """Run the benchmark; returns a JSON-able dict (machine, config, cold start, one entry per row and cache)."""
     from ..criu import require_privilege
     say = progress or (lambda s: None)
+    if rows:
+        unknown = [x for x in rows if x not in ROW_KEYS and x not in [n for n, *_ in ROWS]]
+        if unknown:
+            raise DynsnapError(f"unknown bench e2e row(s) {', '.join(unknown)}: use {', '.join(ROW_KEYS)}",
+                               stage="bench")
+        rows = [ROW_KEYS.get(x, x) for x in rows]
     require_privilege("bench e2e")
     try:
         import torch  # noqa: F401
@@ -322,12 +323,6 @@ def run(model: str = "qwen3-0.6b", device: str = "cuda:0", kv_gb: Optional[float
         raise DynsnapError(f"unknown model {model!r}: use one of {', '.join(e2e_worker.MODELS)}", stage="bench")
     if kv_gb is None:
         kv_gb = 16.0 if device.startswith("cuda") else 0.25
-    if rows:
-        unknown = [x for x in rows if x not in ROW_KEYS and x not in [n for n, *_ in ROWS]]
-        if unknown:
-            raise DynsnapError(f"unknown bench e2e row(s) {', '.join(unknown)}: use {', '.join(ROW_KEYS)}",
-                               stage="bench")
-        rows = [ROW_KEYS.get(x, x) for x in rows]
     proc.set_child_subreaper()
     weights_dir = os.path.join(dir, "dynsnap-e2e-weights")
     say(f"weights: {e2e_worker.weights_path(model, weights_dir)} (written once)")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -56,16 +55,7 @@ def _start_worker(work: Path, mb: int) -> tuple[subprocess.Popen, Path]:
 
 
 def _gone(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    end = time.monotonic() + 10
-    while time.monotonic() < end:
-        proc.reap_children()
-        if not os.path.exists(f"/proc/{pid}"):
-            return
-        time.sleep(0.01)
+    proc.kill_and_reap([pid])
 
 
 def _dd_read(images: Path) -> float:
