@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, cli, fail_line
+from helpers import ROOT, cli, fail_line, wait_until
 
 pytestmark = [pytest.mark.criu, pytest.mark.timeout(180)]
 
@@ -42,15 +42,6 @@ def kill_together(pid: int) -> list[int]:
     return victims
 
 
-def wait_for(cond, timeout=60.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return cond()
-
-
 def test_dynsnap_guardian_and_criu_killed_together(workload, tmp_path, home, run_dir):
     """The issue's reproducer: the tree is frozen (CRIU's dump done, persist running), then dynsnap, its guardian
     and anything of theirs die at once. The worker stays stopped until the next dynsnap command, which continues it."""
@@ -61,21 +52,21 @@ def test_dynsnap_guardian_and_criu_killed_together(workload, tmp_path, home, run
                          env={**os.environ, "DYNSNAP_STAGING": "target"})
     try:
         # frozen: CRIU's dump is done (the tree is left stopped) and the images are being persisted
-        assert wait_for(lambda: w.state() == "T" and (run_dir / "frozen").is_dir() and any(
-            (run_dir / "frozen").glob("*.json"))), "the tree was never frozen"
+        assert wait_until(lambda: w.state() == "T" and (run_dir / "frozen").is_dir() and any(
+            (run_dir / "frozen").glob("*.json")), 60, 0.01), "the tree was never frozen"
         victims = kill_together(p.pid)
     finally:
         p.communicate(timeout=60)
     assert p.returncode == -signal.SIGKILL
     entries = list((run_dir / "frozen").glob("*.json"))
     from dynsnap_core.proc import exists
-    assert wait_for(lambda: not any(exists(v) for v in victims), 10)      # SIGKILLed processes take a moment
+    assert wait_until(lambda: not any(exists(v) for v in victims), 10, 0.01)      # SIGKILLed processes take a moment
     assert entries, "the frozen tree must be on record"
     time.sleep(0.5)
     assert w.state() == "T", "nobody else may continue it: its guardian is dead too"
     r = cli("list", "--root", tmp_path / "nothing")
     assert r.returncode == 0, r.stderr
-    assert wait_for(lambda: w.state() != "T", 10), "the next dynsnap command must continue the worker"
+    assert wait_until(lambda: w.state() != "T", 10, 0.01), "the next dynsnap command must continue the worker"
     after = w.request()
     assert after["all_ok"] and after["counter"] == before["counter"] + 1
     assert list((run_dir / "frozen").glob("*.json")) == []
@@ -120,7 +111,7 @@ def test_journal_entry_is_resumed_only_once_its_owner_is_gone(workload, run_dir)
 def test_leave_running_respects_a_users_sigstop(workload, tmp_path, home, run_dir):
     w = workload()
     os.kill(w.pid, signal.SIGSTOP)
-    assert wait_for(lambda: w.state() == "T")
+    assert wait_until(lambda: w.state() == "T", 60, 0.01)
     r = cli("checkpoint", "--pid", w.pid, "--out", tmp_path / "s", "--leave-running")
     assert r.returncode == 0, r.stderr
     assert f"note: pid(s) {w.pid} were stopped before the checkpoint and stay stopped" in r.stderr

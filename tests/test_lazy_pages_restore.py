@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 
 import pytest
 
-from helpers import PageWorker, cli, kill_proc
+from helpers import PageWorker, cli, gone, kill_proc, wait_until
 
 pytestmark = [pytest.mark.criu, pytest.mark.root, pytest.mark.timeout(240)]
 
@@ -24,35 +23,12 @@ def page_worker(tmp_path):
         made.append(w)
         return w
     yield start
-    from dynsnap_core.proc import exists, reap_children
+    from dynsnap_core.proc import exists
     for w in made:
         kill_proc(w.popen)
         if exists(w.pid):                 # the restored copy (same pid, not our child)
             os.kill(w.pid, signal.SIGKILL)
-        end = time.monotonic() + 10
-        while exists(w.pid) and time.monotonic() < end:
-            reap_children()
-            time.sleep(0.01)
-
-
-def _gone(pid: int, timeout: float = 10) -> bool:
-    from dynsnap_core.proc import exists, reap_children
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        reap_children()
-        if not exists(pid):
-            return True
-        time.sleep(0.01)
-    return False
-
-
-def _until(cond, timeout: float = 60) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return False
+        gone(w.pid)
 
 
 def _criu_children() -> list[int]:
@@ -114,10 +90,10 @@ def test_lazy_restore_verified_is_default_and_exact(page_worker, tmp_path, home)
     assert r.stdout.startswith(f"restored pid {w.pid} from {snap.path}; ") and "verify" in r.stdout, r.stdout
     assert w.ask("sha")["sha256"] == sha_before
     assert w.ask("check 3")["bad"] == 0
-    assert _until(lambda: not _criu_children()), "the lazy-pages daemon exits once every page is in"
-    assert _until(lambda: not list((home / "logs").glob("restore-*"))), "a complete fill removes its logs"
+    assert wait_until(lambda: not _criu_children(), 60), "the lazy-pages daemon exits once every page is in"
+    assert wait_until(lambda: not list((home / "logs").glob("restore-*")), 60), "a complete fill removes its logs"
     os.kill(w.pid, signal.SIGKILL)
-    assert _gone(w.pid)
+    assert gone(w.pid)
     r = cli("restore", "--wait-filled", "--json", snap.path)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
@@ -137,7 +113,7 @@ def test_killed_daemon_kills_the_tree(page_worker, tmp_path, home):
     with pytest.raises(ds.CriuError, match=r"CRIU's lazy-pages daemon ended \(killed\) before every page was in; "
                                            r"the restored tree was killed \(its memory was incomplete\)"):
         r.wait_filled(timeout=60)
-    assert _gone(w.pid), "a tree whose memory is incomplete must not keep running"
+    assert gone(w.pid), "a tree whose memory is incomplete must not keep running"
     assert not _criu_children()
 
 
@@ -154,7 +130,7 @@ def test_damaged_pages_never_run_lazily(page_worker, tmp_path, home):
         f.write(bytes([b[0] ^ 0x01]))
     with pytest.raises(ds.SnapshotCorrupt, match="does not match its checksum"):
         ds.restore(snap.path, lazy=True)
-    assert _gone(w.pid), "nothing may run from a damaged snapshot"
+    assert gone(w.pid), "nothing may run from a damaged snapshot"
     assert not _criu_children(), "no lazy-pages daemon outlives a failed restore"
 
 
@@ -191,7 +167,7 @@ def test_resealed_damage_fails_cleanly_when_lazy(page_worker, tmp_path, home):
     r = cli("restore", "--lazy", snap.path, env={"DYNSNAP_CRIU_TIMEOUT": "60"}, timeout=120)
     assert r.returncode == 1 and r.stderr.count("\n") >= 1
     assert f"CRIU restore of pid {w.pid} failed: " in r.stderr and f"(log: {home}/logs/restore-" in r.stderr
-    assert _gone(w.pid) and not _criu_children()
+    assert gone(w.pid) and not _criu_children()
 
 
 def test_no_fd_or_process_left_when_nobody_waits(page_worker, tmp_path, home):
@@ -203,7 +179,8 @@ def test_no_fd_or_process_left_when_nobody_waits(page_worker, tmp_path, home):
     w.reap_original()
     fds_before = set(os.listdir("/proc/self/fd"))
     r = ds.restore(snap.path, lazy=True)
-    assert _until(lambda: r.fill.run._proc.returncode is not None)
-    assert _until(lambda: set(os.listdir("/proc/self/fd")) <= fds_before), "a descriptor of the fill stayed open"
+    assert wait_until(lambda: r.fill.run._proc.returncode is not None, 60)
+    assert wait_until(lambda: set(os.listdir("/proc/self/fd")) <= fds_before, 60), \
+        "a descriptor of the fill stayed open"
     assert r.wait_filled(timeout=60) > 0
     assert w.ask("check 4")["bad"] == 0

@@ -9,12 +9,11 @@ from __future__ import annotations
 import os
 import signal
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
-from helpers import PageWorker, kill_proc
+from helpers import PageWorker, gone, kill_proc
 
 pytestmark = [pytest.mark.criu, pytest.mark.root, pytest.mark.timeout(300)]
 
@@ -38,19 +37,8 @@ def snapshot(tmp_path_factory):
         yield w, snap, want
     finally:
         kill_proc(w.popen)
-        _gone(w.pid)
+        gone(w.pid)
         mp.undo()
-
-
-def _gone(pid: int, timeout: float = 10) -> bool:
-    from dynsnap_core.proc import exists, reap_children
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        reap_children()
-        if not exists(pid):
-            return True
-        time.sleep(0.005)
-    return False
 
 
 @pytest.mark.parametrize("cache, method", [("warm", "dynsnap"), ("warm", "criu"), ("cold", "dynsnap"),
@@ -65,7 +53,7 @@ def test_restore_to_first_answer(benchmark, snapshot, cache, method, capsys):
     state: dict = {}
 
     def setup():
-        assert _gone(w.pid), "the previous round's worker is still there"
+        assert gone(w.pid), "the previous round's worker is still there"
         (benchutil.evict if cache == "cold" else benchutil.warm)([images])
 
     def target():
@@ -85,7 +73,7 @@ def test_restore_to_first_answer(benchmark, snapshot, cache, method, capsys):
             r.wait_filled(timeout=120)
             state["lazy"] = r.fill is not None
         os.kill(w.pid, signal.SIGKILL)
-        assert _gone(w.pid)
+        assert gone(w.pid)
 
     benchmark.group = f"restore -> first answer, {MB} MiB worker, {cache} page cache"
     benchmark.pedantic(target, setup=setup, teardown=teardown, rounds=ROUNDS)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from criu_images import pagemap_entries, reseal
-from helpers import ROOT, Workload, cli, request_json
+from helpers import ROOT, Workload, cli, request_json, wait_until
 
 pytestmark = [pytest.mark.criu, pytest.mark.timeout(600)]
 
@@ -60,20 +60,10 @@ def _alive(pid: int) -> bool:
     return exists(pid)
 
 
-def _wait(cond, timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()
-
 
 def _kill_restored(pid: int) -> None:
-    from dynsnap_core.proc import kill_tree, reap_children, tree
-    if _alive(pid):
-        kill_tree(list(reversed(tree(pid))), signal.SIGKILL)
-    _wait(lambda: (reap_children(), not os.path.exists(f"/proc/{pid}"))[1], 10)
+    from dynsnap_core.proc import kill_and_reap, tree
+    kill_and_reap(list(reversed(tree(pid))) if _alive(pid) else [pid])
 
 
 def _one_error_line(r: subprocess.CompletedProcess) -> bool:
@@ -204,13 +194,13 @@ def test_corruption_campaign(tmp_path, seed, run_dir):
             _kill_restored(root_pid)
         elif r.returncode == 1 and _one_error_line(r):
             outcome = "refused"
-            if not _wait(lambda: not _alive(root_pid), 10):
+            if not wait_until(lambda: not _alive(root_pid), 10):
                 bad(f"half-restored pid {root_pid} left after: {r.stderr.strip()}")
                 _kill_restored(root_pid)
         else:
             outcome = "broken"
             bad(f"restore ended {r.returncode}: {r.stderr[-500:]}")
-        if not _wait(lambda: not _procs_naming(str(snap / "criu")), 10):
+        if not wait_until(lambda: not _procs_naming(str(snap / "criu")), 10):
             bad(f"CRIU left running: {_procs_naming(str(snap / 'criu'))}")
         after = sorted(p.name for p in tmp_path.iterdir() if p.name not in ("home", "run"))
         if after != before and set(after) ^ set(before) != {sock_name}:
@@ -301,7 +291,7 @@ def test_checkpoint_kill_campaign(tmp_path, seed, run_dir):
                 p.wait()
                 violations.append(f"seed {seed} trial {i} ({what}): dynsnap did not end")
             # whatever of the run survived (CRIU finishing on its own) ends; then the next command recovers
-            _wait(lambda: not _procs_naming(f"-t {w.pid} ") and not any(
+            wait_until(lambda: not _procs_naming(f"-t {w.pid} ") and not any(
                 b"dynsnap_core.guardian" in _cmdline(int(d)) and f"{w.pid}".encode() in _cmdline(int(d))
                 for d in os.listdir("/proc") if d.isdigit()), 60)
             r = cli("list", "--root", tmp_path, env=env)
@@ -314,7 +304,7 @@ def test_checkpoint_kill_campaign(tmp_path, seed, run_dir):
                 if v.returncode != 0:
                     violations.append(f"{trial}: visible snapshot does not verify: {v.stderr.strip()}")
             if w.alive():
-                if not _wait(lambda: w.state() not in ("T", "t"), 10):
+                if not wait_until(lambda: w.state() not in ("T", "t"), 10):
                     violations.append(f"{trial}: worker left stopped (state {w.state()})")
                     os.kill(w.pid, signal.SIGCONT)
                 outcome = "worker running"
@@ -390,14 +380,14 @@ def test_restore_kill_campaign(tmp_path, seed, run_dir):
         p.wait(timeout=120)
         cli("list", "--root", tmp_path / "none", env=env)        # the next command: it recovers
         trial = f"seed {seed} trial {i} ({how} after {delay:.2f} s, exit {p.returncode})"
-        _wait(lambda: not _procs_naming(str(snap / "criu")), 20)
+        wait_until(lambda: not _procs_naming(str(snap / "criu")), 20)
         if _procs_naming(str(snap / "criu")):
             violations.append(f"{trial}: CRIU or its supervisor left running")
         if _alive(pid):
             if p.returncode != 0:
-                _wait(lambda: not _alive(pid), 2)
+                wait_until(lambda: not _alive(pid), 2)
             from dynsnap_core.proc import state
-            if _alive(pid) and not _wait(lambda: state(pid) not in ("T", "t"), 10):
+            if _alive(pid) and not wait_until(lambda: state(pid) not in ("T", "t"), 10):
                 violations.append(f"{trial}: restored process left stopped")
             elif _alive(pid):
                 # a process that is left must be a complete restore (dynsnap died after finishing): it answers

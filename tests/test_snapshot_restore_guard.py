@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from criu_images import pagemap, raise_nr_pages, reseal
-from helpers import ROOT, cli, fail_line as one_line
+from helpers import ROOT, cli, fail_line as one_line, wait_until
 
 pytestmark = [pytest.mark.criu, pytest.mark.timeout(180)]
 
@@ -43,18 +43,10 @@ def gone(pid: int) -> bool:
     return not exists(pid)
 
 
-def wait_until(cond, timeout: float = 20.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()
-
 
 def assert_nothing_left(snapshot: Path, pid: int) -> None:
-    assert wait_until(lambda: not criu_processes(snapshot)), f"CRIU left running: {criu_processes(snapshot)}"
-    assert wait_until(lambda: gone(pid)), f"half-restored pid {pid} left behind"
+    assert wait_until(lambda: not criu_processes(snapshot), 20), f"CRIU left running: {criu_processes(snapshot)}"
+    assert wait_until(lambda: gone(pid), 20), f"half-restored pid {pid} left behind"
 
 
 @pytest.fixture(autouse=True)
